@@ -1,0 +1,176 @@
+"""HTTP serving of LL-HLS: playlists (with blocking reload and delta updates), init, parts, segments.
+
+A thin aiohttp layer over ``origin.live.LiveStream``: parse and validate the request, wait when the
+spec says to hold it, answer from the stream's shared renders and the object store.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+from urllib.parse import quote
+
+from aiohttp import web
+
+from edge.errors import BadRequest, NotFound, Unavailable
+from edge.names import validate_rendition_name, validate_stream_name
+from edge.tokens import Scope, TokenVerifier
+from origin.live import LiveStream
+from origin.rendition import Readiness
+
+PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
+_HLS_NUMBER_MAX = 2**53  # larger _HLS_msn/_HLS_part values are nonsense, not big numbers
+_OBJECT_NAME_MAX = 64
+
+
+class StreamLookup(Protocol):
+    def live_stream(self, name: str) -> LiveStream | None: ...
+
+
+@dataclass(frozen=True)
+class HlsSettings:
+    playback_auth: bool  # True: every request needs a play token (?token=)
+    object_max_age: int  # seconds parts and segments may be cached by players and CDNs
+
+
+@dataclass
+class HlsCounters:
+    """Read by the metrics collector at scrape time."""
+
+    blocked_requests: int = 0  # playlist and object requests currently held
+    blocked_total: int = 0
+    block_timeouts: int = 0
+
+
+def _int_param(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 16 or int(raw) > _HLS_NUMBER_MAX:
+        raise BadRequest(f"{name} must be a non-negative integer")
+    return int(raw)
+
+
+def _skip_param(request: web.Request) -> bool:
+    raw = request.query.get("_HLS_skip")
+    if raw is None:
+        return False
+    if raw not in ("YES", "v2"):
+        raise BadRequest("_HLS_skip must be YES or v2")
+    return True
+
+
+class HlsRoutes:
+    """The ``/hls/...`` routes of one node."""
+
+    def __init__(self, streams: StreamLookup, settings: HlsSettings,
+                 verifier: Callable[[], TokenVerifier]) -> None:
+        self._streams = streams
+        self._settings = settings
+        self._verifier = verifier
+        self.counters = HlsCounters()
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/hls/{stream}/index.m3u8", self.multivariant)
+        app.router.add_get("/hls/{stream}/{rendition}/index.m3u8", self.media_playlist)
+        app.router.add_get("/hls/{stream}/{rendition}/{name}", self.media_object)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _stream(self, request: web.Request) -> tuple[LiveStream, str]:
+        """The live stream named in the URL and the query to carry onto listed URIs."""
+        name = validate_stream_name(request.match_info["stream"])
+        query = ""
+        if self._settings.playback_auth:
+            token = request.query.get("token")
+            self._verifier().verify(token or "", Scope.PLAY, name)
+            query = "token=" + quote(token or "", safe="")
+        stream = self._streams.live_stream(name)
+        if stream is None:
+            raise NotFound(f"stream {name} is not live here")
+        return stream, query
+
+    def _rendition(self, request: web.Request, stream: LiveStream) -> str:
+        rendition = validate_rendition_name(request.match_info["rendition"])
+        if not stream.has_rendition(rendition):
+            raise NotFound(f"stream {stream.name} has no rendition {rendition}")
+        return rendition
+
+    async def _hold(self, stream: LiveStream, rendition: str, ready: Callable[[], Readiness],
+                    timeout: float) -> Readiness:
+        """Wait until ``ready()`` is no longer WAIT, or ``timeout`` seconds pass."""
+        state = ready()
+        if state is not Readiness.WAIT:
+            return state
+        deadline = time.monotonic() + timeout
+        self.counters.blocked_requests += 1
+        self.counters.blocked_total += 1
+        try:
+            while state is Readiness.WAIT:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not await stream.wait_changed(rendition, remaining):
+                    self.counters.block_timeouts += 1
+                    return state
+                state = ready()
+            return state
+        finally:
+            self.counters.blocked_requests -= 1
+
+    # -- handlers -------------------------------------------------------------------------------------
+    async def multivariant(self, request: web.Request) -> web.Response:
+        stream, query = self._stream(request)
+        if not stream.is_ready():
+            # A player that arrives as the publish starts waits for the first parts, not a 404.
+            deadline = time.monotonic() + 2 * stream.settings.segment_duration + 1.0
+            while not stream.is_ready() and time.monotonic() < deadline:
+                if not stream.tracks:
+                    raise Unavailable(f"stream {stream.name} has no media yet")
+                await stream.wait_changed(next(iter(stream.tracks)), deadline - time.monotonic())
+            if not stream.is_ready():
+                raise Unavailable(f"stream {stream.name} has no media yet")
+        return web.Response(text=stream.multivariant_playlist(query), content_type=PLAYLIST_TYPE,
+                            headers={"Cache-Control": "no-cache"})
+
+    async def media_playlist(self, request: web.Request) -> web.Response:
+        stream, query = self._stream(request)
+        rendition = self._rendition(request, stream)
+        msn = _int_param(request, "_HLS_msn")
+        part = _int_param(request, "_HLS_part")
+        skip = _skip_param(request)
+        if part is not None and msn is None:
+            raise BadRequest("_HLS_part needs _HLS_msn")
+        if msn is not None:
+            # RFC 8216bis 6.2.5.2: hold up to three target durations, then 503.
+            timeout = 3.0 * stream.settings.target_duration
+            state = await self._hold(stream, rendition,
+                                     lambda: stream.readiness(rendition, msn, part), timeout)
+            if state is Readiness.TOO_FAR:
+                raise BadRequest("_HLS_msn/_HLS_part is too far beyond the live edge")
+            if state is Readiness.WAIT:
+                raise Unavailable("the requested part did not arrive in time")
+        return web.Response(text=stream.media_playlist(rendition, skip, query),
+                            content_type=PLAYLIST_TYPE, headers={"Cache-Control": "no-cache"})
+
+    async def media_object(self, request: web.Request) -> web.Response:
+        stream, _ = self._stream(request)
+        rendition = self._rendition(request, stream)
+        name = request.match_info["name"]
+        if len(name) > _OBJECT_NAME_MAX or not name.isascii():
+            raise NotFound("no such object")
+        kind = stream.tracks[rendition].kind.value
+        headers = {"Cache-Control": f"public, max-age={self._settings.object_max_age}"}
+        if name == "init.mp4":
+            data = stream.init_segment(rendition)
+        elif name.endswith(".m4s"):
+            # A preload-hinted part (or the segment being produced) is held and sent whole.
+            state = await self._hold(stream, rendition, lambda: stream.object_state(rendition, name),
+                                     3.0 * stream.settings.target_duration)
+            if state is Readiness.WAIT:
+                raise Unavailable("the requested part did not arrive in time")
+            data = stream.object(rendition, name) if state is Readiness.READY else None
+        else:
+            data = None
+        if data is None:
+            raise NotFound("no such object")
+        return web.Response(body=data, content_type=f"{kind}/mp4", headers=headers)
+

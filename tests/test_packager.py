@@ -1,0 +1,168 @@
+"""The packager state machine: where parts and segments are cut, and how periods continue."""
+
+from __future__ import annotations
+
+import pytest
+
+from ingest.media import EncodedSample
+from origin.packager import (PackagerSettings, PartReady, SegmentOpened, SegmentReady,
+                             StreamPackager, TrackPackager)
+
+SETTINGS = PackagerSettings(segment_duration=2.0, part_duration=0.5)
+FRAME = 3000  # 30 fps at 90 kHz
+AAC_FRAME = 1024  # at 48 kHz
+IDR = b"\x00\x00\x00\x01\x65\x88\x84"
+NON_IDR = b"\x00\x00\x00\x01\x41\x9a\x02"
+
+
+def video_samples(count: int, start: int = 0, gop: int = 60, duration: int = FRAME):
+    for i in range(count):
+        key = i % gop == 0
+        yield EncodedSample(dts=start + i * FRAME, pts=start + i * FRAME, duration=duration,
+                            keyframe=key, data=IDR if key else NON_IDR)
+
+
+def audio_samples(count: int, start: int = 0):
+    for i in range(count):
+        t = start + i * AAC_FRAME
+        yield EncodedSample(dts=t, pts=t, duration=AAC_FRAME, keyframe=True, data=b"\x21\x00")
+
+
+def run(packager: TrackPackager, samples) -> list:
+    events = []
+    for sample in samples:
+        events += packager.push(sample, wall_anchor=1000.0)
+    return events
+
+
+def of(kind, events):
+    return [e for e in events if isinstance(e, kind)]
+
+
+def test_video_cuts_parts_on_the_grid_and_segments_on_keyframes(video_track):
+    events = run(TrackPackager(video_track, SETTINGS), video_samples(121))
+    parts = of(PartReady, events)
+    segments = of(SegmentReady, events)
+    assert [s.msn for s in segments] == [0, 1]
+    assert [s.part_count for s in segments] == [4, 4]
+    assert [s.duration for s in segments] == [2.0, 2.0]
+    # 8 parts of two whole segments, plus none yet of segment 2 (one frame only, not a whole part).
+    assert [(p.msn, p.index) for p in parts] == [(0, 0), (0, 1), (0, 2), (0, 3),
+                                                 (1, 0), (1, 1), (1, 2), (1, 3)]
+    assert all(p.duration == pytest.approx(0.5) for p in parts)
+    assert [p.independent for p in parts[:4]] == [True, False, False, False]
+    assert segments[0].data == b"".join(p.data for p in parts[:4])
+
+
+def test_a_part_is_ready_when_its_last_frame_arrives(video_track):
+    packager = TrackPackager(video_track, SETTINGS)
+    events = run(packager, video_samples(14))
+    assert not of(PartReady, events)
+    events = run(packager, video_samples(1, start=14 * FRAME, gop=1000))
+    assert [(p.msn, p.index) for p in of(PartReady, events)] == [(0, 0)]
+
+
+def test_video_waits_for_a_keyframe_to_start(video_track):
+    packager = TrackPackager(video_track, SETTINGS)
+    samples = list(video_samples(70))[10:]  # starts with 50 non-key frames
+    events = run(packager, samples)
+    assert packager.dropped_samples == 50
+    opened = of(SegmentOpened, events)
+    assert opened[0].msn == 0
+    assert opened[0].program_date_time == pytest.approx(1000.0 + 2.0)
+
+
+def test_audio_parts_never_exceed_the_part_target_and_follow_the_grid(audio_track):
+    events = run(TrackPackager(audio_track, SETTINGS), audio_samples(400))  # ~8.5 s
+    parts = of(PartReady, events)
+    segments = of(SegmentReady, events)
+    assert all(p.duration <= SETTINGS.part_target for p in parts)
+    assert all(p.duration >= 0.85 * SETTINGS.part_target for p in parts)
+    assert all(p.independent for p in parts)
+    assert [s.msn for s in segments] == [0, 1, 2, 3]
+    # Segment ends stay within one AAC frame of the 2 s grid, without drifting.
+    ends, total = [], 0.0
+    for segment in segments:
+        total += segment.duration
+        ends.append(total)
+    for k, end in enumerate(ends, start=1):
+        assert abs(end - 2.0 * k) <= AAC_FRAME / 48_000
+
+
+@pytest.mark.parametrize("part_duration, part_target", [(0.5, 0.522), (0.2, 0.222), (1.0, 1.022)])
+def test_part_target_bounds_the_audio_frame_overhang(part_duration, part_target):
+    assert PackagerSettings(2.0, part_duration).part_target == part_target
+
+
+def test_samples_without_duration_take_it_from_the_next_dts(video_track):
+    samples = [EncodedSample(s.dts, s.pts, 0, s.keyframe, s.data) for s in video_samples(62)]
+    events = run(TrackPackager(video_track, SETTINGS), samples)
+    assert [s.duration for s in of(SegmentReady, events)] == [2.0]
+
+
+def test_finish_closes_the_open_part_and_segment(video_track):
+    packager = TrackPackager(video_track, SETTINGS)
+    run(packager, video_samples(20))
+    events = packager.finish(1000.0)
+    assert [(p.msn, p.index) for p in of(PartReady, events)] == [(0, 1)]
+    assert [(s.msn, s.part_count) for s in of(SegmentReady, events)] == [(0, 2)]
+
+
+def test_stream_keeps_audio_and_video_on_one_grid(video_track, audio_track):
+    stream = StreamPackager(SETTINGS)
+    stream.add_track(video_track)
+    stream.add_track(audio_track)
+    events = []
+    video = list(video_samples(180))
+    audio = list(audio_samples(280))
+    for i in range(180):
+        events += stream.push("180p", video[i], now=500.0)
+        while audio and audio[0].dts / 48_000 <= video[i].dts / 90_000:
+            events += stream.push("audio", audio.pop(0), now=500.0)
+    segments = of(SegmentReady, events)
+    video_msns = [s.msn for s in segments if s.track == "180p"]
+    audio_msns = [s.msn for s in segments if s.track == "audio"]
+    assert video_msns[:2] == audio_msns[:2] == [0, 1]
+    opened = {(e.track, e.msn): e.program_date_time for e in of(SegmentOpened, events)}
+    assert opened[("180p", 1)] == pytest.approx(opened[("audio", 1)], abs=0.03)
+
+
+def test_discontinuity_resumes_on_the_next_grid_point_with_one_offset(video_track, audio_track):
+    stream = StreamPackager(SETTINGS)
+    stream.add_track(video_track)
+    stream.add_track(audio_track)
+    for sample in video_samples(75):  # 2.5 s
+        stream.push("180p", sample, now=100.0)
+    for sample in audio_samples(110):
+        stream.push("audio", sample, now=100.0)
+    closing = stream.discontinuity(now=103.0)
+    assert [(s.track, s.msn) for s in of(SegmentReady, closing)] == [("180p", 1), ("audio", 1)]
+    # The source restarts its clock at 0; output continues at 4.0 s (the grid point after 2.5 s).
+    events = []
+    for sample in video_samples(61):
+        events += stream.push("180p", sample, now=110.0)
+    opened = of(SegmentOpened, events)
+    assert opened[0].msn == 2 and opened[0].discontinuity
+    assert stream.tracks["180p"].offset == 4 * 90_000
+    assert opened[0].program_date_time == pytest.approx(110.0)
+    later = of(SegmentOpened, run_stream(stream, "audio", audio_samples(10)))
+    assert later[0].msn == 2 and later[0].discontinuity
+
+
+def run_stream(stream: StreamPackager, track: str, samples) -> list:
+    events = []
+    for sample in samples:
+        events += stream.push(track, sample, now=110.0)
+    return events
+
+
+def test_redeclared_track_restarts_with_a_discontinuity(video_track):
+    stream = StreamPackager(SETTINGS)
+    stream.add_track(video_track)
+    for sample in video_samples(70):
+        stream.push("180p", sample, now=1.0)
+    stream.discontinuity(now=2.0)
+    stream.add_track(video_track)
+    events = run_stream(stream, "180p", video_samples(5))
+    assert of(SegmentOpened, events)[0].discontinuity
+    assert of(SegmentOpened, events)[0].msn == 2
