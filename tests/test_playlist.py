@@ -1,0 +1,96 @@
+"""Playlist rendering: values in, exact text out."""
+
+from __future__ import annotations
+
+import pytest
+
+from origin.playlist import (AudioRendition, MediaPlaylist, MultivariantPlaylist, PartEntry,
+                             RenditionReport, SegmentEntry, VariantStream, render_media_playlist,
+                             render_multivariant_playlist, target_duration_for)
+
+LIVE = MediaPlaylist(
+    target_duration=2, media_sequence=7, map_uri="init.mp4",
+    segments=(
+        SegmentEntry(7, 2.0, "seg7.m4s", program_date_time=1700000000.0),
+        SegmentEntry(8, 2.0, "seg8.m4s", program_date_time=1700000002.0, parts=(
+            PartEntry(0.5, "part8.0.m4s", True), PartEntry(0.5, "part8.1.m4s", False))),
+    ),
+    part_target=0.522, open_parts=(PartEntry(0.5, "part9.0.m4s", True),),
+    open_segment_program_date_time=1700000004.0,
+    preload_hint_uri="part9.1.m4s",
+    rendition_reports=(RenditionReport("../360p/index.m3u8", 9, 0),),
+    part_hold_back=1.566, can_skip_until=12.0)
+
+LIVE_TEXT = """#EXTM3U
+#EXT-X-VERSION:9
+#EXT-X-TARGETDURATION:2
+#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,CAN-SKIP-UNTIL=12.000,PART-HOLD-BACK=1.566
+#EXT-X-PART-INF:PART-TARGET=0.522
+#EXT-X-MEDIA-SEQUENCE:7
+#EXT-X-MAP:URI="init.mp4"
+#EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.000Z
+#EXTINF:2.000,
+seg7.m4s
+#EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:22.000Z
+#EXT-X-PART:DURATION=0.500,URI="part8.0.m4s",INDEPENDENT=YES
+#EXT-X-PART:DURATION=0.500,URI="part8.1.m4s"
+#EXTINF:2.000,
+seg8.m4s
+#EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:24.000Z
+#EXT-X-PART:DURATION=0.500,URI="part9.0.m4s",INDEPENDENT=YES
+#EXT-X-PRELOAD-HINT:TYPE=PART,URI="part9.1.m4s"
+#EXT-X-RENDITION-REPORT:URI="../360p/index.m3u8",LAST-MSN=9,LAST-PART=0
+"""
+
+
+def test_live_media_playlist_renders_every_ll_hls_tag():
+    assert render_media_playlist(LIVE) == LIVE_TEXT
+
+
+def test_query_is_carried_onto_every_uri():
+    text = render_media_playlist(LIVE, query="token=abc")
+    uris = [line for line in text.splitlines() if "m4s" in line or "mp4" in line]
+    assert uris and all("token=abc" in line for line in uris)
+    assert 'URI="../360p/index.m3u8?token=abc"' in text
+
+
+@pytest.mark.parametrize("change, present, absent", [
+    (dict(skipped_segments=1), ["#EXT-X-SKIP:SKIPPED-SEGMENTS=1"], ["seg7.m4s"]),
+    (dict(ended=True), ["#EXT-X-ENDLIST"], ["PRELOAD-HINT"]),
+    (dict(discontinuity_sequence=3), ["#EXT-X-DISCONTINUITY-SEQUENCE:3"], []),
+    (dict(open_segment_discontinuity=True), ["#EXT-X-DISCONTINUITY\n#EXT-X-PROGRAM-DATE-TIME"], []),
+    (dict(part_target=None), ["#EXT-X-MAP"], ["SERVER-CONTROL", "PART-INF"]),
+])
+def test_optional_tags(change, present, absent):
+    from dataclasses import replace
+    text = render_media_playlist(replace(LIVE, **change))
+    for fragment in present:
+        assert fragment in text
+    for fragment in absent:
+        assert fragment not in text
+
+
+def test_discontinuity_precedes_its_segment():
+    playlist = MediaPlaylist(2, 0, "init.mp4", (SegmentEntry(0, 2.0, "seg0.m4s"),
+                                               SegmentEntry(1, 2.0, "seg1.m4s", discontinuity=True)))
+    lines = render_media_playlist(playlist).splitlines()
+    assert lines[lines.index("seg1.m4s") - 2] == "#EXT-X-DISCONTINUITY"
+
+
+def test_multivariant_lists_audio_group_and_variants():
+    playlist = MultivariantPlaylist(
+        variants=(VariantStream("720p/index.m3u8", 3_200_000, 2_900_000, "avc1.64001f,mp4a.40.2",
+                                1280, 720, 30.0, audio_group="aac", name="720p"),),
+        audio=(AudioRendition("aac", "default", "audio/index.m3u8", 2),))
+    assert render_multivariant_playlist(playlist) == (
+        "#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-INDEPENDENT-SEGMENTS\n"
+        '#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID="aac",NAME="default",DEFAULT=YES,AUTOSELECT=YES,'
+        'CHANNELS="2",URI="audio/index.m3u8"\n'
+        '#EXT-X-STREAM-INF:BANDWIDTH=3200000,AVERAGE-BANDWIDTH=2900000,CODECS="avc1.64001f,'
+        'mp4a.40.2",RESOLUTION=1280x720,FRAME-RATE=30.000,AUDIO="aac",NAME="720p"\n'
+        "720p/index.m3u8\n")
+
+
+@pytest.mark.parametrize("longest, target", [(2.0, 2), (2.49, 2), (2.5, 3), (0.4, 1), (10.0, 10)])
+def test_target_duration_rounds_to_nearest(longest, target):
+    assert target_duration_for(longest) == target
