@@ -65,10 +65,12 @@ class HlsRoutes:
     """The ``/hls/...`` routes of one node."""
 
     def __init__(self, streams: StreamLookup, settings: HlsSettings,
-                 verifier: Callable[[], TokenVerifier]) -> None:
+                 verifier: Callable[[], TokenVerifier],
+                 on_playlist: Callable[[str, str], None] | None = None) -> None:
         self._streams = streams
         self._settings = settings
         self._verifier = verifier
+        self._on_playlist = on_playlist  # (stream, client) for each media playlist request
         self.counters = HlsCounters()
 
     def add_to(self, app: web.Application) -> None:
@@ -137,6 +139,8 @@ class HlsRoutes:
         msn = _int_param(request, "_HLS_msn")
         part = _int_param(request, "_HLS_part")
         skip = _skip_param(request)
+        if self._on_playlist is not None:
+            self._on_playlist(stream.name, f"{request.remote}|{request.headers.get('User-Agent')}")
         if part is not None and msn is None:
             raise BadRequest("_HLS_part needs _HLS_msn")
         if msn is not None:

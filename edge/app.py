@@ -1,0 +1,120 @@
+"""The composition root: settings in, a running aiohttp application out.
+
+Only this module (and the CLI) wires ingest, origin and edge together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from contextlib import suppress
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from edge.api import ApiRoutes
+from edge.cache import MemoryCache
+from edge.config import Settings
+from edge.errors import LivedgeError
+from edge.hls import HlsRoutes, HlsSettings
+from edge.metrics import Metrics
+from edge.node import Node
+from edge.tokens import Claims, Scope, TokenVerifier, bearer_token
+
+log = logging.getLogger("livedge.app")
+
+NODE = web.AppKey("node", Node)
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+METRICS = web.AppKey("metrics", Metrics)
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+    "Access-Control-Expose-Headers": "Location, ETag, Link, Content-Length",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def build_verifier(settings: Settings) -> TokenVerifier:
+    """The configured keys; with none, a random per-process secret (tokens from ``livedge token``
+    then only work when ``JWT_SECRET`` is shared, which the README says)."""
+    secret = settings.jwt_secret
+    if not (secret or settings.jwt_public_key_file or settings.jwks_file):
+        secret = secrets.token_urlsafe(32)
+        log.warning("no JWT_SECRET or public key configured: publishing and admin need a token "
+                    "signed with a random secret nobody knows; set JWT_SECRET")
+    return TokenVerifier.from_files(secret, settings.jwt_public_key_file, settings.jwks_file,
+                                    settings.jwt_audience, settings.jwt_issuer)
+
+
+def _route_label(request: web.Request) -> str:
+    route = request.match_info.route.resource
+    return route.canonical if route is not None else "unmatched"
+
+
+def build_app(settings: Settings, verifier: TokenVerifier | None = None) -> web.Application:
+    cache = MemoryCache(max_bytes=settings.cache_memory)
+    node = Node(settings, cache)
+    verifier = verifier or build_verifier(settings)
+
+    hls = HlsRoutes(node, HlsSettings(playback_auth=settings.playback_auth == "token",
+                                      object_max_age=int(max(60, 3 * settings.window_segments
+                                                             * settings.segment_duration))),
+                    verifier=lambda: app[VERIFIER], on_playlist=node.viewer_tracker.saw)
+
+    class Snapshots:
+        stream_stats = staticmethod(node.stream_stats)
+        transcode_stats = staticmethod(node.transcode_stats)
+        cache_stats = staticmethod(cache.stats)
+
+        @staticmethod
+        def hls_counters():
+            return hls.counters
+
+    metrics = Metrics(Snapshots())
+
+    def authorize(request: web.Request, scope: Scope, stream: str | None) -> Claims:
+        token = bearer_token(request.headers.get("Authorization"), request.query.get("token"))
+        return app[VERIFIER].verify(token, scope, stream)
+
+    @web.middleware
+    async def errors_and_cors(request: web.Request, handler) -> web.StreamResponse:
+        if request.method == "OPTIONS" and request.path != "/whip" \
+                and not request.path.startswith("/whip/"):
+            return web.Response(status=204, headers=CORS_HEADERS)
+        try:
+            response = await handler(request)
+        except LivedgeError as error:
+            response = web.json_response(error.to_json(), status=error.status)
+        except web.HTTPException as error:
+            response = web.json_response({"message": error.reason}, status=error.status)
+        except Exception:
+            log.exception("unhandled error", extra={"url": request.path})
+            response = web.json_response({"message": "internal error"}, status=500)
+        response.headers.update(CORS_HEADERS)
+        metrics.http_requests.labels(_route_label(request), str(response.status)).inc()
+        return response
+
+    app = web.Application(middlewares=[errors_and_cors], client_max_size=1024 * 1024)
+    app[NODE] = node
+    app[VERIFIER] = verifier
+    app[METRICS] = metrics
+    hls.add_to(app)
+    ApiRoutes(node, metrics, authorize).add_to(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        lag_probe = asyncio.create_task(metrics.probe_loop_lag(), name="loop-lag")
+        for name, url in settings.pull_streams:
+            await node.add_pull(name, url)
+        if settings.demo:
+            await node.add_demo()
+        yield
+        lag_probe.cancel()
+        with suppress(asyncio.CancelledError):
+            await lag_probe
+        await node.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

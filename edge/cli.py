@@ -1,0 +1,124 @@
+"""``livedge``: serve an edge node, issue tokens, publish a source."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+
+from edge.config import ConfigError, load_settings
+from edge.tokens import Scope, issue_token
+
+log = logging.getLogger("livedge")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from edge.app import build_app
+    from edge.logs import configure_logging
+
+    overrides: dict[str, object] = {}
+    if args.demo:
+        overrides["demo"] = True
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.host is not None:
+        overrides["host"] = args.host
+    try:
+        settings = load_settings(os.environ, args.config, overrides)
+    except ConfigError as error:
+        print(f"livedge: configuration problems:\n{error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    app = build_app(settings)
+    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    base = f"http://{shown_host}:{settings.port}"
+    log.info("livedge listening", extra={"url": base})
+    if settings.demo:
+        print(f"livedge: demo stream at {base}/hls/demo/index.m3u8 "
+              f"(ffplay {base}/hls/demo/index.m3u8, or any HLS player)", file=sys.stderr)
+    web.run_app(app, host=settings.host, port=settings.port, print=None,
+                handle_signals=True, shutdown_timeout=5.0)
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    if args.key:
+        with open(args.key, encoding="utf-8") as file:
+            key, algorithm = file.read(), args.algorithm
+    else:
+        key, algorithm = os.environ.get("JWT_SECRET", ""), "HS256"
+        if not key:
+            print("livedge token: set JWT_SECRET (the node's secret) or pass --key PRIVATE_KEY.pem",
+                  file=sys.stderr)
+            return 2
+    scopes = [Scope(scope) for scope in args.scope.replace(",", " ").split()]
+    print(issue_token(key, algorithm, scopes, args.stream, args.ttl, args.sub,
+                      audience=os.environ.get("JWT_AUDIENCE"), issuer=os.environ.get("JWT_ISSUER")))
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    """Ask the node to pull SOURCE as stream NAME (the node must be able to open SOURCE)."""
+    token = args.token or os.environ.get("LIVEDGE_TOKEN")
+    body = json.dumps({"name": args.stream, "url": args.source}).encode()
+    request = urllib.request.Request(f"{args.url.rstrip('/')}/api/streams", data=body,
+                                     method="POST", headers={"Content-Type": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(json.loads(response.read())["playlist"])
+    except urllib.error.HTTPError as error:
+        print(f"livedge publish: {error.code} {error.read().decode(errors='replace')}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="livedge", description="Live-streaming edge node")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the edge node")
+    serve.add_argument("--demo", action="store_true", help="also publish a test stream 'demo'")
+    serve.add_argument("--config", help="TOML configuration file (environment variables win)")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--host")
+    serve.set_defaults(run=_serve)
+
+    token = commands.add_parser("token", help="print a JWT signed with the configured key")
+    token.add_argument("--scope", required=True, help="publish, play, admin (several: 'play publish')")
+    token.add_argument("--stream", required=True, help="stream name or glob, e.g. 'cam-*'")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    token.add_argument("--sub", default="livedge-cli")
+    token.add_argument("--key", help="PEM private key (default: HS256 with $JWT_SECRET)")
+    token.add_argument("--algorithm", default="RS256", choices=["RS256", "ES256", "EdDSA"])
+    token.set_defaults(run=_token)
+
+    publish = commands.add_parser("publish", help="push a source into a node as a stream")
+    publish.add_argument("source", help="any FFmpeg-readable URL or file")
+    publish.add_argument("--stream", required=True)
+    publish.add_argument("--url", default="http://127.0.0.1:3000", help="the node")
+    publish.add_argument("--token", help="admin token (default $LIVEDGE_TOKEN)")
+    publish.set_defaults(run=_publish)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""JSON log lines: one object per line, with the context fields a record carries (stream, session,
+request ids). Tokens never reach a log: callers log stream names and subjects, not credentials."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_CONTEXT_FIELDS = ("stream", "session", "request_id", "rendition", "peer", "url")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in _CONTEXT_FIELDS:
+            value = getattr(record, field, None)
+            if value is not None:
+                entry[field] = value
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's access log would write a line per part request: far too much at LL-HLS rates.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,122 @@
+"""Prometheus metrics, read from snapshots at scrape time.
+
+Servers never import this module: the collector asks the node for ``stats()`` snapshots when
+Prometheus scrapes. The only live instruments are the HTTP request counter (fed by middleware) and
+the event-loop lag probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable, Iterable, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from edge.cache import CacheStats
+from edge.hls import HlsCounters
+from origin.live import StreamStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class NodeSnapshots(Protocol):
+    def stream_stats(self) -> list[StreamStats]: ...
+
+    def transcode_stats(self) -> dict[str, object]: ...  # stream -> the transcoder's stats()
+
+    def cache_stats(self) -> CacheStats: ...
+
+    def hls_counters(self) -> HlsCounters: ...
+
+
+class NodeCollector(Collector):
+    def __init__(self, node: NodeSnapshots) -> None:
+        self._node = node
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        streams = self._node.stream_stats()
+        yield GaugeMetricFamily("livedge_streams_live", "Streams being produced on this node",
+                                value=sum(1 for s in streams if not s.ended))
+        samples = CounterMetricFamily("livedge_ingest_samples", "Encoded samples packaged",
+                                      labels=["stream"])
+        parts = CounterMetricFamily("livedge_parts_produced", "LL-HLS parts produced",
+                                    labels=["stream"])
+        bitrate = GaugeMetricFamily("livedge_rendition_bitrate_bits_per_second",
+                                    "Measured average bitrate over the window",
+                                    labels=["stream", "rendition"])
+        for stream in streams:
+            samples.add_metric([stream.name], stream.samples_in)
+            parts.add_metric([stream.name], stream.parts_produced)
+            for rendition in stream.renditions:
+                bitrate.add_metric([stream.name, rendition.name], rendition.measured_bitrate)
+        yield samples
+        yield parts
+        yield bitrate
+        realtime = GaugeMetricFamily("livedge_transcode_realtime_factor",
+                                     "Media seconds encoded per wall second spent encoding",
+                                     labels=["stream"])
+        frames_in = CounterMetricFamily("livedge_ingest_frames", "Decoded video frames into the ladder",
+                                        labels=["stream"])
+        dropped = CounterMetricFamily("livedge_transcode_dropped_frames",
+                                      "Frames a rung dropped because it fell behind",
+                                      labels=["stream"])
+        for name, stats in self._node.transcode_stats().items():
+            realtime.add_metric([name], float(getattr(stats, "realtime_factor", 0.0) or 0.0))
+            frames_in.add_metric([name], float(getattr(stats, "frames_in", 0) or 0))
+            dropped.add_metric([name], float(getattr(stats, "frames_dropped", 0) or 0))
+        yield realtime
+        yield frames_in
+        yield dropped
+        cache = self._node.cache_stats()
+        yield GaugeMetricFamily("livedge_cache_bytes", "Bytes held by the memory tier",
+                                value=cache.bytes)
+        yield GaugeMetricFamily("livedge_cache_max_bytes", "Byte budget of the memory tier",
+                                value=cache.max_bytes)
+        yield GaugeMetricFamily("livedge_cache_entries", "Objects held by the memory tier",
+                                value=cache.entries)
+        yield CounterMetricFamily("livedge_cache_hits", "Memory tier hits", value=cache.hits)
+        yield CounterMetricFamily("livedge_cache_misses", "Memory tier misses", value=cache.misses)
+        yield CounterMetricFamily("livedge_cache_evictions", "Memory tier evictions",
+                                  value=cache.evictions)
+        hls = self._node.hls_counters()
+        yield GaugeMetricFamily("livedge_blocked_requests", "Requests held for a part right now",
+                                value=hls.blocked_requests)
+        yield CounterMetricFamily("livedge_blocked_requests", "Requests held for a part",
+                                  value=hls.blocked_total)
+        yield CounterMetricFamily("livedge_blocked_request_timeouts",
+                                  "Held requests answered 503 after the spec's timeout",
+                                  value=hls.block_timeouts)
+
+
+class Metrics:
+    """The node's registry: snapshot collector plus HTTP and event-loop instruments."""
+
+    def __init__(self, node: NodeSnapshots) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(NodeCollector(node))
+        self.http_requests = Counter("livedge_http_requests", "HTTP requests answered",
+                                     ["route", "status"], registry=self.registry)
+        self.loop_lag = Gauge("livedge_event_loop_lag_seconds",
+                              "How late the event loop ran a timer, last probe",
+                              registry=self.registry)
+        self.loop_lag_histogram = Histogram(
+            "livedge_event_loop_lag", "Event-loop lag per probe, seconds",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def probe_loop_lag(self, interval: float = 0.25,
+                             clock: Callable[[], float] | None = None) -> None:
+        """Run forever: sleep ``interval`` and record how much later than asked the loop woke."""
+        loop = asyncio.get_running_loop()
+        now = clock or loop.time
+        while True:
+            started = now()
+            await asyncio.sleep(interval)
+            lag = max(0.0, now() - started - interval)
+            self.loop_lag.set(lag)
+            self.loop_lag_histogram.observe(lag)
