@@ -351,8 +351,11 @@ def _pull_streams(raw: object) -> tuple[tuple[str, str], ...]:
         except BadRequest as error:
             problems.append(f"pull {position}: {error.message}")
             continue
-        if not isinstance(url, str) or not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://\S+\Z", url.strip()):
-            problems.append(f"pull {position} ({name!r}): url {url!r} is not a URL with a scheme")
+        # FFmpeg-readable: a URL with a scheme, a file: URL, or an absolute file path.
+        if not isinstance(url, str) or not re.match(
+                r"([A-Za-z][A-Za-z0-9+.-]*://\S+|file:\S+|/\S*)\Z", url.strip()):
+            problems.append(f"pull {position} ({name!r}): url {url!r} is not a URL with a scheme "
+                            "or an absolute file path")
             continue
         pulls.append((name, url.strip()))
     names = [name for name, _ in pulls]

@@ -16,7 +16,7 @@ from aiohttp import web
 from edge.errors import BadRequest, NotFound, Unavailable
 from edge.names import validate_rendition_name, validate_stream_name
 from edge.tokens import Scope, TokenVerifier
-from origin.live import LiveStream
+from origin.live import ANY_RENDITION, LiveStream
 from origin.rendition import Readiness
 
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
@@ -125,9 +125,7 @@ class HlsRoutes:
             # A player that arrives as the publish starts waits for the first parts, not a 404.
             deadline = time.monotonic() + 2 * stream.settings.segment_duration + 1.0
             while not stream.is_ready() and time.monotonic() < deadline:
-                if not stream.tracks:
-                    raise Unavailable(f"stream {stream.name} has no media yet")
-                await stream.wait_changed(next(iter(stream.tracks)), deadline - time.monotonic())
+                await stream.wait_changed(ANY_RENDITION, deadline - time.monotonic())
             if not stream.is_ready():
                 raise Unavailable(f"stream {stream.name} has no media yet")
         return web.Response(text=stream.multivariant_playlist(query), content_type=PLAYLIST_TYPE,

@@ -79,7 +79,7 @@ class Node:
         return stream
 
     def new_transcoder(self, name: str) -> LadderTranscoder:
-        """A ladder transcoder writing into stream ``name`` (one per source connection)."""
+        """The ladder transcoder writing into stream ``name``; it outlives source reconnects."""
         entry = self._entries[name]
         transcoder = LadderTranscoder(
             entry.stream, asyncio.get_running_loop(), self.rungs(),
@@ -95,11 +95,11 @@ class Node:
 
     async def add_pull(self, name: str, url: str) -> None:
         self.create_stream(name)
-        self._start_source(name, PullSource(url, lambda: self.new_transcoder(name)))
+        self._start_source(name, PullSource(url, self.new_transcoder(name)))
 
     async def add_demo(self) -> None:
         self.create_stream(DEMO_STREAM)
-        self._start_source(DEMO_STREAM, DemoSource(lambda: self.new_transcoder(DEMO_STREAM)))
+        self._start_source(DEMO_STREAM, DemoSource(self.new_transcoder(DEMO_STREAM)))
 
     def _start_source(self, name: str, source: PullSource) -> None:
         entry = self._entries[name]

@@ -23,6 +23,7 @@ from origin.rendition import (Readiness, RenditionLog, RenditionSettings, init_u
                               segment_uri)
 
 AUDIO_GROUP = "aac"
+ANY_RENDITION = "*"  # not a valid rendition name: waits for a change anywhere in the stream
 
 
 class ObjectStore(Protocol):
@@ -150,9 +151,10 @@ class LiveStream:
 
     def _changed_rendition(self, rendition: str) -> None:
         self._rendered.clear()
-        event = self._changed.pop(rendition, None)
-        if event is not None:
-            event.set()
+        for key in (rendition, ANY_RENDITION):
+            event = self._changed.pop(key, None)
+            if event is not None:
+                event.set()
 
     # -- serving ---------------------------------------------------------------------------------------
     def has_rendition(self, rendition: str) -> bool:
@@ -163,7 +165,7 @@ class LiveStream:
         return bool(self._logs) and all(log.has_media for log in self._logs.values())
 
     async def wait_changed(self, rendition: str, timeout: float) -> bool:
-        """Wait until ``rendition`` changes; False on timeout."""
+        """Wait until ``rendition`` (or any, with ``ANY_RENDITION``) changes; False on timeout."""
         event = self._changed.get(rendition)
         if event is None:
             event = self._changed[rendition] = asyncio.Event()

@@ -213,7 +213,7 @@ SINGLE_PROBLEMS = [
     ({"PULL_STREAMS": "../x=rtsp://a"}, "PULL_STREAMS: pull 1: stream name may only hold letters, "
      "digits, '_', '-' and single '.' not at the start"),  # fmt: skip
     ({"PULL_STREAMS": "a=rtsp://x,a=rtsp://y"}, "PULL_STREAMS: stream 'a' is pulled twice"),
-    ({"PULL_STREAMS": "a=not a url"}, "PULL_STREAMS: pull 1 ('a'): url 'not a url' is not a URL with a scheme"),
+    ({"PULL_STREAMS": "a=not a url"}, "PULL_STREAMS: pull 1 ('a'): url 'not a url' is not a URL with a scheme or an absolute file path"),
     ({"X264_TUNE": "zerolatency,speed"}, "X264_TUNE: unknown tune speed (one of animation, fastdecode, "
      "film, grain, psnr, ssim, stillimage, zerolatency)"),  # fmt: skip
     ({"SEGMENT_DURATION": "1", "PART_DURATION": "0.6"}, "PART_DURATION: part duration 0.6 s is above "

@@ -1,0 +1,72 @@
+"""Real livedge nodes for end-to-end tests: a ``livedge serve`` process on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tests.conftest import free_port
+
+# A small ladder keeps two cores ahead of real time with the 720p demo source.
+SMALL_LADDER = "360p:640x360:700k,180p:320x180:250k"
+TEST_SECRET = "test-secret-" + "x" * 32
+
+
+@dataclass
+class RunningNode:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def node_environment(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("PORT", "HOST")}
+    env.update({"JWT_SECRET": TEST_SECRET, "LADDER": SMALL_LADDER, "SEGMENT_DURATION": "1",
+                "PART_DURATION": "0.25", "X264_PRESET": "ultrafast", "LOG_LEVEL": "info"})
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def running_node(tmp_path: Path, *args: str, startup_timeout: float = 20.0,
+                 **env: str) -> Iterator[RunningNode]:
+    port = free_port()
+    log_path = tmp_path / f"node-{port}.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edge.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             *args], env=node_environment(**env), stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent)
+    node = RunningNode(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"node exited with {process.returncode}:\n{node.log()}")
+            try:
+                with urllib.request.urlopen(node.url + "/healthz", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"node did not start:\n{node.log()}") from None
+                time.sleep(0.1)
+        yield node
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
