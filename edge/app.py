@@ -20,11 +20,14 @@ from edge.errors import LivedgeError
 from edge.hls import HlsRoutes, HlsSettings
 from edge.metrics import Metrics
 from edge.node import Node
+from edge.publish import Publishing
+from edge.webhooks import Webhooks
 from edge.tokens import Claims, Scope, TokenVerifier, bearer_token
 
 log = logging.getLogger("livedge.app")
 
 NODE = web.AppKey("node", Node)
+PUBLISHING = web.AppKey("publishing", Publishing)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -57,6 +60,9 @@ def _route_label(request: web.Request) -> str:
 def build_app(settings: Settings, verifier: TokenVerifier | None = None) -> web.Application:
     cache = MemoryCache(max_bytes=settings.cache_memory)
     node = Node(settings, cache)
+    webhooks = Webhooks(settings.on_publish_url, settings.on_unpublish_url)
+    publishing = Publishing(node, webhooks)
+    node.publishing = publishing
     verifier = verifier or build_verifier(settings)
 
     hls = HlsRoutes(node, HlsSettings(playback_auth=settings.playback_auth == "token",
@@ -99,6 +105,7 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None) -> web.
 
     app = web.Application(middlewares=[errors_and_cors], client_max_size=1024 * 1024)
     app[NODE] = node
+    app[PUBLISHING] = publishing
     app[VERIFIER] = verifier
     app[METRICS] = metrics
     hls.add_to(app)
@@ -114,7 +121,9 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None) -> web.
         lag_probe.cancel()
         with suppress(asyncio.CancelledError):
             await lag_probe
+        await publishing.close()
         await node.close()
+        await webhooks.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

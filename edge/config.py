@@ -71,6 +71,10 @@ class Settings:
     webrtc_hosts: tuple[str, ...] = ()
     ice_servers: tuple[str, ...] = ()
     demo: bool = False
+    max_sessions_per_address: int = 8  # concurrent publish sessions from one client address
+    max_sessions_per_subject: int = 8  # concurrent publish sessions under one token subject
+    on_publish_url: str | None = None  # webhook: POSTed before a publish starts; non-2xx rejects it
+    on_unpublish_url: str | None = None  # webhook: POSTed when a publish ends
 
 
 class ConfigError(ValueError):
@@ -416,6 +420,10 @@ _FIELDS: dict[str, _Field] = {
     "webrtc_hosts": _Field("WEBRTC_HOSTS", _string_list(_host_problem)),
     "ice_servers": _Field("ICE_SERVERS", _string_list(_ice_server_problem)),
     "demo": _Field("DEMO", _boolean),
+    "max_sessions_per_address": _Field("MAX_SESSIONS_PER_ADDRESS", _integer(1, 100_000)),
+    "max_sessions_per_subject": _Field("MAX_SESSIONS_PER_SUBJECT", _integer(1, 100_000)),
+    "on_publish_url": _Field("ON_PUBLISH_URL", _optional_text),
+    "on_unpublish_url": _Field("ON_UNPUBLISH_URL", _optional_text),
 }
 assert set(_FIELDS) == {field.name for field in fields(Settings)}
 

@@ -61,6 +61,11 @@ class UnsupportedMediaType(LivedgeError):
     default_message = "unsupported media type"
 
 
+class TooManyRequests(LivedgeError):
+    status = 429
+    default_message = "too many requests"
+
+
 class Unavailable(LivedgeError):
     status = 503
     default_message = "service unavailable"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from edge.cache import MemoryCache
 from edge.config import Settings
@@ -16,9 +17,13 @@ from edge.errors import Conflict, Unavailable
 from edge.viewers import ViewerTracker
 from ingest.demo import DemoSource
 from ingest.ladder import RungSpec
+from ingest.media import MediaSink
 from ingest.pull import PullSource
 from ingest.transcoder import LadderTranscoder
 from origin.live import LiveSettings, LiveStream, StreamStats
+
+if TYPE_CHECKING:
+    from edge.publish import Publishing
 
 log = logging.getLogger("livedge.node")
 
@@ -41,6 +46,7 @@ class Node:
         self.cache = cache
         self.viewer_tracker = ViewerTracker(window_seconds=3 * settings.segment_duration + 5)
         self._entries: dict[str, _Entry] = {}
+        self.publishing: Publishing | None = None  # set by the app: push ingest sessions
         self._live_settings = LiveSettings(settings.segment_duration, settings.part_duration,
                                            settings.window_segments)
 
@@ -78,11 +84,11 @@ class Node:
         self._entries[name] = _Entry(stream)
         return stream
 
-    def new_transcoder(self, name: str) -> LadderTranscoder:
-        """The ladder transcoder writing into stream ``name``; it outlives source reconnects."""
+    def new_transcoder(self, name: str, sink: MediaSink | None = None) -> LadderTranscoder:
+        """A ladder transcoder writing into stream ``name`` (or into ``sink``, which wraps it)."""
         entry = self._entries[name]
         transcoder = LadderTranscoder(
-            entry.stream, asyncio.get_running_loop(), self.rungs(),
+            sink or entry.stream, asyncio.get_running_loop(), self.rungs(),
             segment_duration=self.settings.segment_duration,
             audio_bitrate=self.settings.audio_bitrate, preset=self.settings.x264_preset,
             tune=self.settings.x264_tune)

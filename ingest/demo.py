@@ -4,7 +4,7 @@ burned into the picture. Point a player at it and compare its clock with yours t
 glass-to-glass latency.
 
 PyAV's FFmpeg has no ``drawtext`` filter, so the text is drawn here into the Y (luma) plane with a
-tiny 5x7 bitmap font, scaled up. The source is a ``PullSource`` over a lavfi graph, so it shares the
+tiny 5x7 bitmap font, scaled up, on a box whose chroma is set to grey. The source is a ``PullSource`` over a lavfi graph, so it shares the
 pull code path: paced in real time, same reconnect and stop behaviour.
 """
 

@@ -86,11 +86,11 @@ class PullSource:
         self.backoff = backoff
         self.state = SourceState.STOPPED
         self.last_error: str | None = None
-        self.connections = 0  # connections attempted
+        self.connections = 0  # connections finished (failed, ended or stopped)
         self._stop = threading.Event()  # read by the decode thread
         self._wake: asyncio.Event | None = None  # cuts a backoff wait short on stop()
         self._live_since: float | None = None  # monotonic seconds
-        self._running = False
+        self._started = False
 
     def process_video(self, frame: av.VideoFrame) -> av.VideoFrame:
         """Hook for subclasses, on the decode thread: change or replace a decoded frame."""
@@ -103,12 +103,14 @@ class PullSource:
             self._wake.set()
 
     async def run(self) -> None:
-        """Connect, pull, reconnect, until ``stop()``. Then close the consumer and return."""
-        if self._running:
-            raise RuntimeError("run() is already running")
-        self._running = True
-        self._stop.clear()
+        """Connect, pull, reconnect, until ``stop()`` (or cancellation). Then close the consumer and
+        return. A source runs once: its consumer is closed afterwards."""
+        if self._started:
+            raise RuntimeError("a PullSource runs only once")
+        self._started = True
         self._wake = asyncio.Event()
+        if self._stop.is_set():
+            self._wake.set()
         loop = asyncio.get_running_loop()
         delay = self.backoff.initial
         try:
@@ -122,7 +124,7 @@ class PullSource:
                 if self._live_since is not None and \
                         time.monotonic() - self._live_since >= self.backoff.healthy_after:
                     delay = self.backoff.initial
-                self.last_error = error or "end of input"
+                self.last_error = redact(error, self.url) if error else "end of input"
                 self.state = SourceState.BACKOFF
                 try:
                     await asyncio.wait_for(self._wake.wait(), delay)
@@ -133,7 +135,6 @@ class PullSource:
             self.stop()  # also on cancellation: the consumer must not be fed while it closes
             await self._in_thread(loop, self._close_consumer)
             self.state = SourceState.STOPPED
-            self._running = False
 
     async def _in_thread(self, loop: asyncio.AbstractEventLoop, target: Callable[..., str | None],
                          *args: object) -> str | None:
@@ -147,7 +148,7 @@ class PullSource:
                 result = f"{type(exc).__name__}: {exc}"
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 
-        threading.Thread(target=body, name=f"pull {self.url[:40]}", daemon=True).start()
+        threading.Thread(target=body, name="pull-source", daemon=True).start()
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
@@ -272,6 +273,16 @@ def is_live_input(url: str, container: av.container.InputContainer) -> bool:
     if scheme in HTTP_SCHEMES:
         return container.duration is None
     return False
+
+
+def redact(message: str, url: str) -> str:
+    """``message`` with ``url``'s password (FFmpeg quotes the URL in its errors) masked, since
+    ``last_error`` ends up on status pages and in logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return message
+    return message.replace(url, parts._replace(
+        netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl())
 
 
 def network_options(url: str, read_timeout: float) -> dict[str, str]:

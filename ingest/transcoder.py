@@ -49,6 +49,7 @@ AUDIO_TRACK = "audio"
 AUDIO_FRAME_SAMPLES = 1024  # AAC-LC frame
 AUDIO_RESYNC_THRESHOLD = 0.05  # seconds of drift between sample count and timestamps before re-anchoring
 DEFAULT_FRAME_RATE = 30.0  # frames per second, when neither the frames nor the source tell
+MIN_FRAME_RATE, MAX_FRAME_RATE = 1.0, 240.0  # outside this, a frame's duration is not believed
 PERIOD_MARGIN = 0.1  # seconds kept free after the last output before a new period starts
 HANDOFF_TIMEOUT = 10.0  # seconds the producer waits for a worker to take a drain/stop request
 _VIDEO_TIME_BASE = Fraction(1, VIDEO_TIMESCALE)
@@ -124,7 +125,7 @@ class LadderTranscoder:
         self._declared: dict[str, TrackInfo] = {}
         self._declared_lock = threading.Lock()
         self._workers: list[_RungWorker] = []
-        self._retired: list[_RungWorker] = []  # workers of earlier plans, kept for stats
+        self._retired_dropped = 0  # frames dropped by the workers of earlier plans
         self._last_plan: list[_RungWorker] = []  # the latest plan's workers, reported after close
         self._source_size: tuple[int, int] | None = None
         self._frame_rate_hint: float | None = None
@@ -149,7 +150,7 @@ class LadderTranscoder:
 
     def push_video(self, frame: av.VideoFrame) -> None:
         """Queue one decoded frame (any size and pixel format, pts + time_base set) to every rung.
-        Never blocks: a rung whose queue is full drops the frame and counts it."""
+        A rung whose queue is full drops the frame and counts it (after ``block_on_full`` seconds)."""
         self._check_open()
         self._frames_in += 1
         if self._source_size != (frame.width, frame.height):
@@ -207,16 +208,17 @@ class LadderTranscoder:
     # -- any thread --------------------------------------------------------------------------------
 
     def stats(self) -> TranscoderStats:
-        workers = self._retired + self._workers
-        rungs = tuple(w.stats() for w in (self._workers or self._last_plan))
+        workers = self._workers or self._last_plan
+        rungs = tuple(w.stats() for w in workers)
         factors = [r.realtime_factor for r in rungs if r.frames_encoded]
+        worker_error = next((w.last_error for w in workers if w.last_error), None)
         return TranscoderStats(
             frames_in=self._frames_in,
             frames_encoded={r.name: r.frames_encoded for r in rungs},
-            frames_dropped=sum(w.dropped for w in workers),
+            frames_dropped=self._retired_dropped + sum(w.dropped for w in self._workers),
             audio_frames_encoded=self._audio_frames,
             realtime_factor=min(factors, default=0.0),
-            last_error=self._last_error or next((w.last_error for w in workers if w.last_error), None),
+            last_error=worker_error or self._last_error,
             rungs=rungs)
 
     # -- internals ---------------------------------------------------------------------------------
@@ -254,7 +256,8 @@ class LadderTranscoder:
     def _stop_workers(self) -> None:
         for worker in self._workers:
             worker.stop(HANDOFF_TIMEOUT)
-        self._retired += self._workers
+            self._retired_dropped += worker.dropped
+            self._last_error = worker.last_error or self._last_error
         self._last_plan, self._workers = self._workers, []
 
     def _declare(self, track: TrackInfo) -> None:
@@ -279,8 +282,11 @@ class LadderTranscoder:
 
 
 def _nominal_frame_rate(frame: av.VideoFrame, hint: float | None) -> float:
+    """Frames per second: the frame's own duration if plausible, else the source's hint."""
     if frame.duration and frame.time_base:
-        return 1.0 / float(frame.duration * frame.time_base)
+        rate = 1.0 / float(frame.duration * frame.time_base)
+        if MIN_FRAME_RATE <= rate <= MAX_FRAME_RATE:
+            return rate
     return hint or DEFAULT_FRAME_RATE
 
 

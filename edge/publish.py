@@ -1,0 +1,176 @@
+"""Publish sessions, shared by every push ingest (WHIP, WebSocket).
+
+A publication owns one ladder transcoder writing into the stream's live window. When the publisher
+goes, the window closes its open segments and waits ``publish_grace_seconds``: a publisher that comes
+back in time continues the same playlists after an ``EXT-X-DISCONTINUITY``; otherwise the playlists
+end with ``EXT-X-ENDLIST`` and the stream is dropped a window later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from edge.errors import Conflict, TooManyRequests
+from edge.node import Node
+from edge.tokens import Claims
+from edge.webhooks import Webhooks
+from ingest.media import EncodedSample, TrackInfo
+from ingest.transcoder import LadderTranscoder
+from origin.live import LiveStream
+
+log = logging.getLogger("livedge.publish")
+
+
+class _PublicationSink:
+    """The transcoder's sink for one publication: the end of a publisher is a pause of the stream
+    (a discontinuity), not the end of its playlists."""
+
+    def __init__(self, stream: LiveStream) -> None:
+        self._stream = stream
+
+    def add_track(self, track: TrackInfo) -> None:
+        self._stream.add_track(track)
+
+    def add_sample(self, track_name: str, sample: EncodedSample) -> None:
+        self._stream.add_sample(track_name, sample)
+
+    def discontinuity(self) -> None:
+        self._stream.discontinuity()
+
+    def end(self) -> None:
+        self._stream.discontinuity()
+
+
+@dataclass(eq=False)
+class Publication:
+    stream_name: str
+    session_id: str
+    kind: str
+    address: str
+    subject: str
+    transcoder: LadderTranscoder
+    ended: bool = False
+    _evicted_callbacks: list[Callable[[str], None]] = field(default_factory=list)
+
+    def on_evicted(self, callback: Callable[[str], None]) -> None:
+        """``callback(reason)`` runs on the loop when a takeover or shutdown ends this publication."""
+        self._evicted_callbacks.append(callback)
+
+    def _evict(self, reason: str) -> None:
+        for callback in self._evicted_callbacks:
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("eviction callback failed", extra={"stream": self.stream_name})
+
+
+class Publishing:
+    def __init__(self, node: Node, webhooks: Webhooks) -> None:
+        self._node = node
+        self._settings = node.settings
+        self._webhooks = webhooks
+        self._active: dict[str, Publication] = {}
+        self._grace: dict[str, asyncio.Task] = {}
+        self._per_address: Counter[str] = Counter()
+        self._per_subject: Counter[str] = Counter()
+
+    def active(self, stream: str) -> Publication | None:
+        return self._active.get(stream)
+
+    async def begin(self, stream: str, claims: Claims, address: str, kind: str) -> Publication:
+        """Start publishing ``stream`` (the token was verified by the caller)."""
+        subject = claims.subject or "-"
+        if self._per_address[address] >= self._settings.max_sessions_per_address:
+            raise TooManyRequests("too many publish sessions from this address")
+        if self._per_subject[subject] >= self._settings.max_sessions_per_subject:
+            raise TooManyRequests("too many publish sessions for this token subject")
+        self._per_address[address] += 1
+        self._per_subject[subject] += 1
+        try:
+            return await self._begin(stream, claims, address, subject, kind)
+        except BaseException:
+            self._release(address, subject)
+            raise
+
+    async def _begin(self, stream: str, claims: Claims, address: str, subject: str,
+                     kind: str) -> Publication:
+        current = self._active.get(stream)
+        if current is not None and claims.raw.get("takeover") is not True:
+            raise Conflict(f"stream {stream} is already being published")
+        if current is None and self._node.live_stream(stream) is not None \
+                and stream not in self._grace and not self._ended(stream):
+            raise Conflict(f"stream {stream} is already live here (pulled)")
+        await self._webhooks.on_publish(stream, subject, address, kind)
+        if current is not None:  # a takeover: the old publisher goes, the playlists carry on
+            current._evict("taken over by a new publisher")
+            await self._finish(current)
+        grace = self._grace.pop(stream, None)
+        if grace is not None:
+            grace.cancel()
+        if self._ended(stream):
+            await self._node.remove_stream(stream)
+        live = self._node.live_stream(stream) or self._node.create_stream(stream)
+        transcoder = self._node.new_transcoder(stream, sink=_PublicationSink(live))
+        publication = Publication(stream, secrets.token_urlsafe(12), kind, address, subject,
+                                  transcoder)
+        self._active[stream] = publication
+        log.info("publish started", extra={"stream": stream, "session": publication.session_id})
+        return publication
+
+    async def end(self, publication: Publication) -> None:
+        """The publisher is gone: flush its transcoder and start the grace period. Idempotent."""
+        if publication.ended:
+            return
+        await self._finish(publication)
+        stream = publication.stream_name
+        if self._active.get(stream) is None and stream not in self._grace:
+            self._grace[stream] = asyncio.create_task(self._expire(stream),
+                                                      name=f"grace:{stream}")
+        self._webhooks.on_unpublish(stream, publication.subject, publication.address,
+                                    publication.kind)
+
+    async def _finish(self, publication: Publication) -> None:
+        publication.ended = True
+        if self._active.get(publication.stream_name) is publication:
+            del self._active[publication.stream_name]
+        self._release(publication.address, publication.subject)
+        await asyncio.to_thread(publication.transcoder.close)
+        log.info("publish ended", extra={"stream": publication.stream_name,
+                                          "session": publication.session_id})
+
+    async def _expire(self, stream: str) -> None:
+        await asyncio.sleep(self._settings.publish_grace_seconds)
+        live = self._node.live_stream(stream)
+        if live is not None:
+            live.end()
+        # Keep the ended playlists a window long so players read EXT-X-ENDLIST, then drop them.
+        await asyncio.sleep(self._settings.segment_duration * self._settings.window_segments)
+        self._grace.pop(stream, None)
+        await self._node.remove_stream(stream)
+
+    def _ended(self, stream: str) -> bool:
+        live = self._node.live_stream(stream)
+        return live is not None and live.ended
+
+    def _release(self, address: str, subject: str) -> None:
+        self._per_address[address] -= 1
+        self._per_subject[subject] -= 1
+        if self._per_address[address] <= 0:
+            del self._per_address[address]
+        if self._per_subject[subject] <= 0:
+            del self._per_subject[subject]
+
+    async def close(self) -> None:
+        """Node shutdown: end every publication now (no grace)."""
+        for publication in list(self._active.values()):
+            publication._evict("the node is shutting down")
+            await self._finish(publication)
+        for task in self._grace.values():
+            task.cancel()
+        await asyncio.gather(*self._grace.values(), return_exceptions=True)
+        self._grace.clear()
