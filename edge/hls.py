@@ -162,14 +162,15 @@ class HlsRoutes:
         kind = stream.tracks[rendition].kind.value
         headers = {"Cache-Control": f"public, max-age={self._settings.object_max_age}"}
         if name == "init.mp4":
-            data = stream.init_segment(rendition)
+            data = await stream.fetch_object(rendition, name)
         elif name.endswith(".m4s"):
             # A preload-hinted part (or the segment being produced) is held and sent whole.
             state = await self._hold(stream, rendition, lambda: stream.object_state(rendition, name),
                                      3.0 * stream.settings.target_duration)
             if state is Readiness.WAIT:
                 raise Unavailable("the requested part did not arrive in time")
-            data = stream.object(rendition, name) if state is Readiness.READY else None
+            data = await stream.fetch_object(rendition, name) if state is Readiness.READY \
+                else None
         else:
             data = None
         if data is None:

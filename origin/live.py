@@ -1,116 +1,59 @@
-"""A live stream's window: the asyncio layer around the packager and the rendition logs.
+"""A stream produced on this node: the packager feeding a ``StreamWindow``.
 
 ``LiveStream`` is the ``MediaSink`` a transcoder writes to. It stores each init segment, part and
-segment in an ``ObjectStore`` (the edge's first cache tier) as soon as it exists, pins what the
-playlists list, and wakes requests blocked on the rendition that changed.
+segment in the ``ObjectStore`` (the edge's first cache tier) as soon as it exists, pinned while the
+playlists list it, then tells the window and any listeners (the Redis tier, peers).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
-from ingest.media import EncodedSample, TrackInfo, TrackKind
-from origin import h264
+from ingest.media import EncodedSample, TrackInfo
 from origin.packager import (PackagerEvent, PackagerSettings, PartReady, SegmentReady,
                              StreamPackager)
-from origin.playlist import (AudioRendition, MultivariantPlaylist, RenditionReport, VariantStream,
-                             render_media_playlist, render_multivariant_playlist,
-                             target_duration_for)
-from origin.rendition import (Readiness, RenditionLog, RenditionSettings, init_uri, part_uri,
-                              segment_uri)
+from origin.rendition import init_uri, part_uri, segment_uri
+from origin.window import (ANY_RENDITION, LiveSettings, ObjectStore, StreamStats, StreamWindow,
+                           object_key)
 
-AUDIO_GROUP = "aac"
-ANY_RENDITION = "*"  # not a valid rendition name: waits for a change anywhere in the stream
-
-
-class ObjectStore(Protocol):
-    """Where the bytes live (``edge.cache.MemoryCache`` satisfies it)."""
-
-    def set_now(self, key: str, value: bytes, ttl: float | None = None,
-                pinned: bool = False) -> bool: ...
-
-    def get_now(self, key: str) -> bytes | None: ...
-
-    def unpin(self, key: str) -> None: ...
+__all__ = ["ANY_RENDITION", "LiveSettings", "LiveStream", "ObjectStore", "StreamEnded",
+           "StreamStats", "TrackDeclared", "WindowEvent", "object_key"]
 
 
 @dataclass(frozen=True)
-class LiveSettings:
-    segment_duration: float
-    part_duration: float
-    window_segments: int
-
-    @property
-    def target_duration(self) -> int:
-        return target_duration_for(self.segment_duration)
+class TrackDeclared:
+    track: TrackInfo
+    init_segment: bytes
 
 
 @dataclass(frozen=True)
-class RenditionStats:
-    name: str
-    kind: str
-    width: int
-    height: int
-    frame_rate: float
-    target_bitrate: int
-    measured_bitrate: int  # average over the window, bits/s
-    last_msn: int | None
-    last_part: int | None
+class StreamEnded:
+    pass
 
 
-@dataclass(frozen=True)
-class StreamStats:
-    name: str
-    started_at: float
-    renditions: tuple[RenditionStats, ...]
-    parts_produced: int
-    samples_in: int
-    ended: bool
+# What listeners hear, in order. Part and segment events carry their bytes.
+WindowEvent = TrackDeclared | PackagerEvent | StreamEnded
 
 
-def object_key(stream: str, rendition: str, name: str) -> str:
-    return f"{stream}/{rendition}/{name}"
-
-
-class LiveStream:
+class LiveStream(StreamWindow):
     """One stream being produced on this node."""
 
     def __init__(self, name: str, settings: LiveSettings, store: ObjectStore,
-                 clock: Callable[[], float] = time.time,
-                 on_part: Callable[[str, PartReady], None] | None = None) -> None:
-        self.name = name
-        self.settings = settings
-        self.started_at = clock()
-        self._store = store
-        self._clock = clock
-        self._on_part = on_part
+                 clock: Callable[[], float] = time.time) -> None:
         packager_settings = PackagerSettings(settings.segment_duration, settings.part_duration)
+        super().__init__(name, settings, store, packager_settings.part_target, clock)
         self._packager = StreamPackager(packager_settings)
-        self._rendition_settings = RenditionSettings(
-            settings.segment_duration, packager_settings.part_target, settings.window_segments,
-            settings.target_duration)
-        self.tracks: dict[str, TrackInfo] = {}
-        self._logs: dict[str, RenditionLog] = {}
-        self._changed: dict[str, asyncio.Event] = {}
-        self._rendered: dict[tuple[str, bool, str], str] = {}
-        self._codecs: dict[str, str] = {}
-        self.parts_produced = 0
-        self.samples_in = 0
-        self.ended = False
+        self.listeners: list[Callable[[str, WindowEvent], None]] = []
 
     # -- MediaSink --------------------------------------------------------------------------------------
     def add_track(self, track: TrackInfo) -> None:
         packager = self._packager.add_track(track)
-        self.tracks[track.name] = track
-        self._codecs[track.name] = _codecs_of(track)
-        if track.name not in self._logs:
-            self._logs[track.name] = RenditionLog(self._rendition_settings)
         self._store.set_now(object_key(self.name, track.name, init_uri()), packager.init_segment,
                             pinned=True)
-        self._changed_rendition(track.name)
+        self.declare_track(track)
+        self._tell(TrackDeclared(track, packager.init_segment))
 
     def add_sample(self, track_name: str, sample: EncodedSample) -> None:
         if track_name not in self.tracks:
@@ -126,129 +69,22 @@ class LiveStream:
         if self.ended:
             return
         self._apply(self._packager.finish(self._clock()))
-        self.ended = True
-        for name, log in self._logs.items():
-            log.end()
-            self._changed_rendition(name)
+        self.end_playlists()
+        self._tell(StreamEnded())
 
     def _apply(self, events: list[PackagerEvent]) -> None:
         for event in events:
-            log = self._logs[event.track]
             if isinstance(event, PartReady):
                 self._store.set_now(object_key(self.name, event.track,
-                                                   part_uri(event.msn, event.index)),
+                                               part_uri(event.msn, event.index)),
                                     event.data, pinned=True)
                 self.parts_produced += 1
             elif isinstance(event, SegmentReady):
                 self._store.set_now(object_key(self.name, event.track, segment_uri(event.msn)),
                                     event.data, pinned=True)
-            change = log.apply(event)
-            for name in change.unlisted:
-                self._store.unpin(object_key(self.name, event.track, name))
-            self._changed_rendition(event.track)
-            if isinstance(event, PartReady) and self._on_part is not None:
-                self._on_part(self.name, event)
+            self.apply_event(event)
+            self._tell(event)
 
-    def _changed_rendition(self, rendition: str) -> None:
-        self._rendered.clear()
-        for key in (rendition, ANY_RENDITION):
-            event = self._changed.pop(key, None)
-            if event is not None:
-                event.set()
-
-    # -- serving ---------------------------------------------------------------------------------------
-    def has_rendition(self, rendition: str) -> bool:
-        return rendition in self._logs
-
-    def is_ready(self) -> bool:
-        """Every track has media: the multivariant playlist can be offered."""
-        return bool(self._logs) and all(log.has_media for log in self._logs.values())
-
-    async def wait_changed(self, rendition: str, timeout: float) -> bool:
-        """Wait until ``rendition`` (or any, with ``ANY_RENDITION``) changes; False on timeout."""
-        event = self._changed.get(rendition)
-        if event is None:
-            event = self._changed[rendition] = asyncio.Event()
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def readiness(self, rendition: str, msn: int, part: int | None) -> Readiness:
-        return self._logs[rendition].readiness(msn, part)
-
-    def object_state(self, rendition: str, name: str) -> Readiness:
-        return self._logs[rendition].object_state(name)
-
-    def media_playlist(self, rendition: str, skip: bool = False, query: str = "") -> str:
-        """The rendered playlist, shared by every request that asks between two changes."""
-        cache_key = (rendition, skip, query)
-        text = self._rendered.get(cache_key)
-        if text is None:
-            reports = tuple(
-                RenditionReport(f"../{other}/index.m3u8", *last)
-                for other, log in self._logs.items()
-                if other != rendition and (last := log.last_part()) is not None)
-            playlist = self._logs[rendition].playlist(skip=skip, reports=reports)
-            text = self._rendered[cache_key] = render_media_playlist(playlist, query)
-        return text
-
-    def multivariant_playlist(self, query: str = "") -> str:
-        audio = tuple(
-            AudioRendition(AUDIO_GROUP, "default", f"{name}/index.m3u8", track.channels or 2)
-            for name, track in self.tracks.items() if track.kind is TrackKind.AUDIO)[:1]
-        audio_codecs = [self._codecs[name] for name, t in self.tracks.items()
-                        if t.kind is TrackKind.AUDIO][:1]
-        audio_peak, audio_average = (self._bitrates(audio[0].uri.split("/")[0]) if audio
-                                     else (0, 0))
-        variants = []
-        for name, track in self.tracks.items():
-            if track.kind is not TrackKind.VIDEO:
-                continue
-            peak, average = self._bitrates(name)
-            variants.append(VariantStream(
-                uri=f"{name}/index.m3u8", bandwidth=peak + audio_peak,
-                average_bandwidth=(average + audio_average) if average else None,
-                codecs=",".join([self._codecs[name], *audio_codecs]),
-                width=track.width, height=track.height, frame_rate=track.frame_rate,
-                audio_group=AUDIO_GROUP if audio else None, name=name))
-        variants.sort(key=lambda variant: variant.bandwidth, reverse=True)
-        return render_multivariant_playlist(MultivariantPlaylist(tuple(variants), audio), query)
-
-    def _bitrates(self, rendition: str) -> tuple[int, int]:
-        """(peak, average) bits/s measured over the window; before a full segment, the target with
-        headroom for the peak."""
-        sizes = self._logs[rendition].segment_sizes()
-        if not sizes:
-            target = self.tracks[rendition].bitrate
-            return int(target * 1.25), 0
-        peak = max(size * 8 / duration for duration, size in sizes)
-        average = sum(size for _, size in sizes) * 8 / sum(duration for duration, _ in sizes)
-        return int(peak), int(average)
-
-    def init_segment(self, rendition: str) -> bytes | None:
-        return self.object(rendition, init_uri())
-
-    def object(self, rendition: str, name: str) -> bytes | None:
-        """The bytes of an init segment, part or segment of this stream, if still stored."""
-        return self._store.get_now(object_key(self.name, rendition, name))
-
-    def stats(self) -> StreamStats:
-        renditions = []
-        for name, track in self.tracks.items():
-            last = self._logs[name].last_part()
-            renditions.append(RenditionStats(
-                name=name, kind=track.kind.value, width=track.width, height=track.height,
-                frame_rate=track.frame_rate, target_bitrate=track.bitrate,
-                measured_bitrate=self._bitrates(name)[1],
-                last_msn=last[0] if last else None, last_part=last[1] if last else None))
-        return StreamStats(self.name, self.started_at, tuple(renditions), self.parts_produced,
-                           self.samples_in, self.ended)
-
-
-def _codecs_of(track: TrackInfo) -> str:
-    if track.codec == "h264":
-        sps, _ = h264.parameter_sets(track.codec_config)
-        return h264.codecs_string(h264.parse_sps(sps))
-    return h264.AAC_LC_CODECS
+    def _tell(self, event: WindowEvent) -> None:
+        for listener in self.listeners:
+            listener(self.name, event)

@@ -64,6 +64,7 @@ class SegmentReady:
     msn: int
     duration: float  # seconds
     part_count: int
+    size: int  # bytes; replicas of the event carry no data but keep the size
     data: bytes  # the parts' bytes, concatenated
 
 
@@ -225,7 +226,8 @@ class TrackPackager:
         events.append(SegmentReady(
             track=self.track.name, msn=self._segment_msn,
             duration=self._segment_duration / self.track.timescale,
-            part_count=len(self._segment_parts), data=b"".join(self._segment_parts)))
+            part_count=len(self._segment_parts), size=sum(map(len, self._segment_parts)),
+            data=b"".join(self._segment_parts)))
 
 
 class StreamPackager:

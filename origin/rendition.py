@@ -85,7 +85,7 @@ class RenditionLog:
             segment = self._segment(event.msn)
             segment.complete = True
             segment.duration = event.duration
-            segment.size = len(event.data)
+            segment.size = event.size
         return WindowChange(self._slide())
 
     def end(self) -> None:

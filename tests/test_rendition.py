@@ -19,7 +19,7 @@ def feed(log: RenditionLog, segments: int, open_parts: int = 0) -> list[tuple[st
         for index in range(4 if msn < segments else open_parts):
             log.apply(PartReady("v", msn, index, 0.5, index == 0, b"x" * 10))
         if msn < segments:
-            unlisted.append(log.apply(SegmentReady("v", msn, 2.0, 4, b"x" * 40)).unlisted)
+            unlisted.append(log.apply(SegmentReady("v", msn, 2.0, 4, 40, b"x" * 40)).unlisted)
     return unlisted
 
 

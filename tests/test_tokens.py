@@ -185,15 +185,17 @@ def test_es256_token_against_rsa_key_is_rejected(rsa_keys, ec_keys):
 
 # --- time, audience, issuer -----------------------------------------------------------------------
 
-NOW = int(time.time())
+# Time claims below are offsets from the moment the test runs (a module-level "now" goes stale on a
+# slow machine long before the leeway cases run).
+TIME_CLAIMS = ("exp", "nbf", "iat")
 
 TIME_AND_AUDIENCE_CASES = [
     # (description, payload overrides, verifier audience, verifier issuer, expected error or None)
-    ("expired", {"exp": NOW - 60}, None, None, "expired"),
-    ("expired within leeway", {"exp": NOW - 2}, None, None, None),
-    ("nbf in the future", {"nbf": NOW + 60}, None, None, "not yet valid"),
-    ("nbf within leeway", {"nbf": NOW + 2}, None, None, None),
-    ("iat in the future", {"iat": NOW + 60}, None, None, "not yet valid"),
+    ("expired", {"exp": -60}, None, None, "expired"),
+    ("expired within leeway", {"exp": -2}, None, None, None),
+    ("nbf in the future", {"nbf": 60}, None, None, "not yet valid"),
+    ("nbf within leeway", {"nbf": 2}, None, None, None),
+    ("iat in the future", {"iat": 60}, None, None, "not yet valid"),
     ("no exp", {"exp": None}, None, None, "exp"),
     ("right audience", {"aud": "livedge"}, "livedge", None, None),
     ("audience list", {"aud": ["other", "livedge"]}, "livedge", None, None),
@@ -215,6 +217,9 @@ def test_time_audience_issuer(overrides, audience, issuer, error):
     verifier = TokenVerifier(
         TokenSettings(secret=SECRET, audience=audience, issuer=issuer, leeway_seconds=5)
     )
+    now = int(time.time())
+    overrides = {key: now + value if key in TIME_CLAIMS and value is not None else value
+                 for key, value in overrides.items()}
     token = jwt.encode(_payload(**overrides), SECRET, algorithm="HS256")
     if error is None:
         assert verifier.verify(token, Scope.PUBLISH, "cam-1").subject == "alice"
@@ -225,7 +230,7 @@ def test_time_audience_issuer(overrides, audience, issuer, error):
 
 def test_zero_leeway_rejects_just_expired():
     verifier = TokenVerifier(TokenSettings(secret=SECRET, leeway_seconds=0))
-    token = jwt.encode(_payload(exp=NOW - 2), SECRET, algorithm="HS256")
+    token = jwt.encode(_payload(exp=int(time.time()) - 2), SECRET, algorithm="HS256")
     with pytest.raises(Unauthorized, match="expired"):
         verifier.verify(token, Scope.PUBLISH, "cam-1")
 
