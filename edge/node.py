@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from edge.cache import MemoryCache
 from edge.config import Settings
@@ -20,7 +20,7 @@ from ingest.ladder import RungSpec
 from ingest.media import MediaSink
 from ingest.pull import PullSource
 from ingest.transcoder import LadderTranscoder
-from origin.live import LiveSettings, LiveStream, StreamStats
+from origin.live import LiveSettings, LiveStream, StreamStats, WindowEvent
 
 if TYPE_CHECKING:
     from edge.publish import Publishing
@@ -47,6 +47,8 @@ class Node:
         self.viewer_tracker = ViewerTracker(window_seconds=3 * settings.segment_duration + 5)
         self._entries: dict[str, _Entry] = {}
         self.publishing: Publishing | None = None  # set by the app: push ingest sessions
+        # Told every window event of every stream produced here (the Redis tier, peers).
+        self.stream_listeners: list[Callable[[str, WindowEvent], None]] = []
         self._live_settings = LiveSettings(settings.segment_duration, settings.part_duration,
                                            settings.window_segments)
 
@@ -81,6 +83,7 @@ class Node:
         if len(self._entries) >= self.settings.max_publishers:
             raise Unavailable("this node is at its stream limit")
         stream = LiveStream(name, self._live_settings, self.cache)
+        stream.listeners.extend(self.stream_listeners)
         self._entries[name] = _Entry(stream)
         return stream
 
