@@ -34,7 +34,7 @@ async def wait_for_segments(session, playlist_url: str, count: int, timeout: flo
     while time.monotonic() < deadline:
         status, body = await get(session, playlist_url)
         text = body.decode()
-        if status == 200 and len(re.findall(r"^seg\d+\.m4s$", text, re.M)) >= count:
+        if status == 200 and len(re.findall(r"^seg\d+\.m4s(\?\S*)?$", text, re.M)) >= count:
             return text
         await asyncio.sleep(0.3)
     raise AssertionError(f"fewer than {count} segments in time at {playlist_url}")
@@ -237,3 +237,26 @@ async def test_a_pulled_file_plays_and_bad_pulls_do_not_hurt_it(tmp_path, media_
             status, _ = await get(session, f"{node.url}/hls/text/index.m3u8")
             assert status in (404, 503)
         assert node.process.poll() is None
+
+
+async def test_playback_auth_requires_a_play_token_for_that_stream(tmp_path):
+    from edge.tokens import Scope, issue_token
+    good = issue_token(TEST_SECRET, "HS256", Scope.PLAY, "demo", 60, "viewer")
+    other = issue_token(TEST_SECRET, "HS256", Scope.PLAY, "other-*", 60, "viewer")
+    with running_node(tmp_path, "--demo", PLAYBACK_AUTH="token") as node:
+        base = f"{node.url}/hls/demo"
+        async with aiohttp.ClientSession() as session:
+            assert (await get(session, f"{base}/index.m3u8"))[0] == 401
+            assert (await get(session, f"{base}/index.m3u8?token=garbage"))[0] == 401
+            assert (await get(session, f"{base}/index.m3u8?token={other}"))[0] == 403
+            status, body = await get(session, f"{base}/index.m3u8?token={good}")
+            assert status == 200
+            # The token rides on every URI the playlists list, so players need nothing else.
+            variant = re.search(r"^(360p/index\.m3u8\?token=\S+)$", body.decode(), re.M).group(1)
+            text = await wait_for_segments(session, f"{base}/{variant}", 1)
+            segment = re.search(r"^(seg\d+\.m4s\?token=\S+)$", text, re.M).group(1)
+            assert f"init.mp4?token={good}" in text
+            assert (await get(session, f"{base}/360p/{segment}"))[0] == 200
+            assert (await get(session, f"{base}/360p/{segment.split('?')[0]}"))[0] == 401
+            assert (await get(session, f"{base}/360p/{segment.split('?')[0]}?token={other}"))[0] \
+                == 403
