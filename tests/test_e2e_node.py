@@ -236,7 +236,43 @@ async def test_a_pulled_file_plays_and_bad_pulls_do_not_hurt_it(tmp_path, media_
             assert streams["text"]["source"]["last_error"]
             status, _ = await get(session, f"{node.url}/hls/text/index.m3u8")
             assert status in (404, 503)
+            # The 4 s file ends: the source reconnects and the playlists carry on after a
+            # discontinuity, with no gap in media sequence numbers.
+            deadline = time.monotonic() + 30
+            while "#EXT-X-DISCONTINUITY\n" not in text:
+                assert time.monotonic() < deadline, "no discontinuity after the file ended"
+                await asyncio.sleep(0.5)
+                text = (await get(session, f"{node.url}/hls/file/360p/index.m3u8"))[1].decode()
+            msns = [int(n) for n in re.findall(r"^seg(\d+)\.m4s$", text, re.M)]
+            assert msns == list(range(msns[0], msns[0] + len(msns)))
         assert node.process.poll() is None
+
+
+async def test_api_creates_and_deletes_pulls(tmp_path, media_file):
+    from edge.tokens import Scope, issue_token
+    admin = {"Authorization": "Bearer " + issue_token(TEST_SECRET, "HS256", Scope.ADMIN, "*", 60,
+                                                      "ops")}
+    with running_node(tmp_path) as node:
+        async with aiohttp.ClientSession(headers=admin) as session:
+            async with session.post(f"{node.url}/api/streams",
+                                    json={"name": "cam", "url": f"file:{media_file}"}) as response:
+                assert response.status == 201
+                assert (await response.json())["playlist"] == "/hls/cam/index.m3u8"
+            async with session.post(f"{node.url}/api/streams",
+                                    json={"name": "cam", "url": f"file:{media_file}"}) as response:
+                assert response.status == 409
+            for body in ({"name": "../x", "url": "file:/x"}, {"name": "ok"}, [1, 2]):
+                async with session.post(f"{node.url}/api/streams", json=body) as response:
+                    assert response.status == 400
+                    assert "message" in await response.json()
+            async with session.post(f"{node.url}/api/streams", data=b"{not json") as response:
+                assert response.status == 400
+            await wait_for_segments(session, f"{node.url}/hls/cam/180p/index.m3u8", 1)
+            async with session.delete(f"{node.url}/api/streams/cam") as response:
+                assert response.status == 204
+            assert (await get(session, f"{node.url}/hls/cam/index.m3u8"))[0] == 404
+            async with session.delete(f"{node.url}/api/streams/cam") as response:
+                assert response.status == 404
 
 
 async def test_playback_auth_requires_a_play_token_for_that_stream(tmp_path):
