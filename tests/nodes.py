@@ -25,6 +25,7 @@ class RunningNode:
     url: str
     process: subprocess.Popen
     log_path: Path
+    ws_url: str  # the WebSocket ingest server, ws://127.0.0.1:WS_PORT
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -42,13 +43,15 @@ def node_environment(**extra: str) -> dict[str, str]:
 def running_node(tmp_path: Path, *args: str, startup_timeout: float = 20.0,
                  **env: str) -> Iterator[RunningNode]:
     port = free_port()
+    env.setdefault("WS_PORT", str(free_port()))
     log_path = tmp_path / f"node-{port}.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "edge.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
              *args], env=node_environment(**env), stdout=log_file, stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent)
-    node = RunningNode(f"http://127.0.0.1:{port}", process, log_path)
+    node = RunningNode(f"http://127.0.0.1:{port}", process, log_path,
+                       f"ws://127.0.0.1:{env['WS_PORT']}")
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
