@@ -9,20 +9,21 @@ import asyncio
 import logging
 import secrets
 from contextlib import suppress
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
 from edge.api import ApiRoutes
 from edge.cache import MemoryCache
-from edge.config import Settings
+from edge.config import ConfigError, Settings
 from edge.errors import LivedgeError
 from edge.hls import HlsRoutes, HlsSettings
 from edge.metrics import Metrics
 from edge.node import Node
 from edge.publish import Publishing
 from edge.webhooks import Webhooks
-from edge.tokens import Claims, Scope, TokenVerifier, bearer_token
+from edge.tokens import Claims, KeyLoadError, Scope, TokenVerifier, bearer_token
+from edge.ws_ingest import WebSocketIngest
 
 log = logging.getLogger("livedge.app")
 
@@ -30,6 +31,7 @@ NODE = web.AppKey("node", Node)
 PUBLISHING = web.AppKey("publishing", Publishing)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 METRICS = web.AppKey("metrics", Metrics)
+LOADER = web.AppKey("loader", Callable[[], Settings])
 
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -57,7 +59,24 @@ def _route_label(request: web.Request) -> str:
     return route.canonical if route is not None else "unmatched"
 
 
-def build_app(settings: Settings, verifier: TokenVerifier | None = None) -> web.Application:
+def reload_settings(app: web.Application) -> list[str]:
+    """Apply what can change live (JWT keys, log level) from a fresh read of the configuration;
+    return the problems found (then nothing changes)."""
+    try:
+        settings = app[LOADER]()
+        verifier = build_verifier(settings)
+    except ConfigError as error:
+        return list(error.problems)
+    except (KeyLoadError, OSError) as error:
+        return [str(error)]
+    app[VERIFIER] = verifier
+    logging.getLogger().setLevel(settings.log_level.upper())
+    log.info("configuration reloaded: JWT keys and log level")
+    return []
+
+
+def build_app(settings: Settings, verifier: TokenVerifier | None = None,
+              loader: Callable[[], Settings] | None = None) -> web.Application:
     cache = MemoryCache(max_bytes=settings.cache_memory)
     node = Node(settings, cache)
     webhooks = Webhooks(settings.on_publish_url, settings.on_unpublish_url)
@@ -106,6 +125,17 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None) -> web.
     app = web.Application(middlewares=[errors_and_cors], client_max_size=1024 * 1024)
     app[NODE] = node
     app[PUBLISHING] = publishing
+    app[LOADER] = loader or (lambda: settings)
+
+    async def reload_handler(request: web.Request) -> web.Response:
+        authorize(request, Scope.ADMIN, None)
+        problems = reload_settings(app)
+        if problems:
+            return web.json_response({"message": "reload refused", "problems": problems},
+                                     status=400)
+        return web.json_response({"reloaded": ["jwt keys", "log level"]})
+
+    app.router.add_post("/api/reload", reload_handler)
     app[VERIFIER] = verifier
     app[METRICS] = metrics
     hls.add_to(app)
@@ -117,7 +147,11 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None) -> web.
             await node.add_pull(name, url)
         if settings.demo:
             await node.add_demo()
+        ws_ingest = WebSocketIngest(publishing, lambda: app[VERIFIER], settings.host,
+                                    settings.ws_port)
+        await ws_ingest.start()
         yield
+        await ws_ingest.close()  # before publishing.close(): its sessions end their publications
         lag_probe.cancel()
         with suppress(asyncio.CancelledError):
             await lag_probe

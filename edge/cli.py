@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -10,17 +11,16 @@ import sys
 import urllib.error
 import urllib.request
 
-from edge.config import ConfigError, load_settings
-from edge.tokens import Scope, issue_token
+from edge.config import ConfigError, Settings, load_settings
+from edge.tokens import KeyLoadError, Scope, issue_token
 
 log = logging.getLogger("livedge")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from edge.app import build_app
     from edge.logs import configure_logging
+    from edge.serve import serve
 
     overrides: dict[str, object] = {}
     if args.demo:
@@ -29,26 +29,32 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     if args.host is not None:
         overrides["host"] = args.host
+    def load() -> Settings:
+        return load_settings(os.environ, args.config, overrides)
+
     try:
-        settings = load_settings(os.environ, args.config, overrides)
+        settings = load()
     except ConfigError as error:
         print(f"livedge: configuration problems:\n{error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
-    app = build_app(settings)
+        app = build_app(settings, loader=load)
+    except KeyLoadError as error:
+        print(f"livedge: JWT key problem: {error}", file=sys.stderr)
+        return 2
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{shown_host}:{settings.port}"
     log.info("livedge listening", extra={"url": base})
     if settings.demo:
         print(f"livedge: demo stream at {base}/hls/demo/index.m3u8 "
               f"(ffplay {base}/hls/demo/index.m3u8, or any HLS player)", file=sys.stderr)
-    web.run_app(app, host=settings.host, port=settings.port, print=None,
-                handle_signals=True, shutdown_timeout=5.0)
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(serve(app, settings, settings.drain_seconds))
     return 0
 
 

@@ -75,6 +75,7 @@ class Settings:
     max_sessions_per_subject: int = 8  # concurrent publish sessions under one token subject
     on_publish_url: str | None = None  # webhook: POSTed before a publish starts; non-2xx rejects it
     on_unpublish_url: str | None = None  # webhook: POSTed when a publish ends
+    drain_seconds: float = 10.0  # on SIGTERM, how long publishers may take to finish
 
 
 class ConfigError(ValueError):
@@ -424,6 +425,7 @@ _FIELDS: dict[str, _Field] = {
     "max_sessions_per_subject": _Field("MAX_SESSIONS_PER_SUBJECT", _integer(1, 100_000)),
     "on_publish_url": _Field("ON_PUBLISH_URL", _optional_text),
     "on_unpublish_url": _Field("ON_UNPUBLISH_URL", _optional_text),
+    "drain_seconds": _Field("DRAIN_SECONDS", _number(0, 3600)),
 }
 assert set(_FIELDS) == {field.name for field in fields(Settings)}
 

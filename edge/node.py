@@ -47,6 +47,7 @@ class Node:
         self.viewer_tracker = ViewerTracker(window_seconds=3 * settings.segment_duration + 5)
         self._entries: dict[str, _Entry] = {}
         self.publishing: Publishing | None = None  # set by the app: push ingest sessions
+        self.draining = False  # SIGTERM: refuse publishes, report not ready
         # Told every window event of every stream produced here (the Redis tier, peers).
         self.stream_listeners: list[Callable[[str, WindowEvent], None]] = []
         self._live_settings = LiveSettings(settings.segment_duration, settings.part_duration,
@@ -73,7 +74,7 @@ class Node:
         return self.viewer_tracker.count(stream)
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
-        return True, {"streams": len(self._entries)}
+        return not self.draining, {"streams": len(self._entries), "draining": self.draining}
 
     # -- producing -----------------------------------------------------------------------------------
     def create_stream(self, name: str) -> LiveStream:

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from edge.errors import Conflict, TooManyRequests
+from edge.errors import Conflict, TooManyRequests, Unavailable
 from edge.node import Node
 from edge.tokens import Claims
 from edge.webhooks import Webhooks
@@ -82,9 +82,14 @@ class Publishing:
     def active(self, stream: str) -> Publication | None:
         return self._active.get(stream)
 
+    def active_count(self) -> int:
+        return len(self._active)
+
     async def begin(self, stream: str, claims: Claims, address: str, kind: str) -> Publication:
         """Start publishing ``stream`` (the token was verified by the caller)."""
         subject = claims.subject or "-"
+        if self._node.draining:
+            raise Unavailable("this node is draining; publish to another")
         if self._per_address[address] >= self._settings.max_sessions_per_address:
             raise TooManyRequests("too many publish sessions from this address")
         if self._per_subject[subject] >= self._settings.max_sessions_per_subject:

@@ -1,0 +1,263 @@
+"""Incremental demuxing of a container byte stream that arrives in pieces (a WebSocket publisher).
+
+Three parts, each usable alone:
+
+* ``probe_container(head)``: pure. Names the container from its first bytes (WebM/Matroska, MPEG-TS,
+  fragmented MP4), asks for more bytes, or rejects the input. We probe ourselves instead of letting
+  FFmpeg guess, because FFmpeg's guess over a few hundred arbitrary bytes may be any of its hundreds of
+  demuxers (an HTML page reads as "tty" text-as-video); only these three are streamable from a pipe.
+* ``ByteStreamReader``: a bounded pipe. The network side ``feed()``s bytes without ever blocking; a
+  PyAV demuxer thread ``read()``s them, blocking until bytes, the end of input or ``abort()``. When the
+  buffer is full, ``feed()`` says so and the network side must stop taking bytes from its socket until
+  ``on_room`` is called: the socket's receive window then closes and TCP slows the publisher down
+  (back-pressure) instead of memory growing.
+* ``ContainerDemuxer``: opens the reader with PyAV in the calling thread (the caller starts one) with a
+  small probe, so decoding starts after a few KiB rather than FFmpeg's default 5 MB / 5 s, and decodes
+  into a frame consumer (a ``LadderTranscoder``), paced to the media clock by default.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import threading
+import time
+from collections.abc import Callable
+
+import av
+
+from ingest.pull import FrameConsumer, Pacer, SourceError, pump
+
+TS_PACKET = 188
+TS_PACKETS_TO_PROBE = 3  # sync bytes at 0, 188 and 376 make a chance match of random bytes 1 in 16 M
+PROBE_HEAD_BYTES = TS_PACKET * TS_PACKETS_TO_PROBE  # the most bytes probe_container ever needs
+EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+# Top-level ISO BMFF boxes a fragmented MP4 stream may start with.
+MP4_FIRST_BOXES = frozenset({b"ftyp", b"styp", b"moov", b"moof", b"free", b"skip", b"sidx"})
+PROBE_BYTES = 32 * 1024  # FFmpeg's probesize while opening: enough for headers and a first keyframe
+ANALYZE_SECONDS = 0.5  # FFmpeg's analyzeduration while opening
+READ_CHUNK = 32 * 1024  # bytes PyAV asks for per read (its I/O buffer)
+MIN_FRAME_RATE, MAX_FRAME_RATE = 1.0, 120.0  # a container's nominal rate outside this is not believed
+
+
+class ContainerFormat(enum.Enum):
+    """A container we demux, valued by the FFmpeg demuxer name that opens it."""
+
+    MATROSKA = "matroska"  # also WebM (browser MediaRecorder)
+    MPEGTS = "mpegts"
+    MP4 = "mp4"  # fragmented MP4 (or any MP4 whose moov comes before its media)
+
+
+class UnsupportedMedia(Exception):
+    """The bytes are not a container we can probe, or opening/decoding them failed. The message is
+    safe to show to the publisher."""
+
+
+def probe_container(head: bytes) -> ContainerFormat | None:
+    """The container ``head`` (the first bytes of the stream, any length) starts; ``None`` when more
+    bytes are needed to tell (never more than ``PROBE_HEAD_BYTES``). Raises ``UnsupportedMedia`` when
+    it is none of the supported containers."""
+    if head[:len(EBML_MAGIC)] == EBML_MAGIC[:len(head)]:
+        return ContainerFormat.MATROSKA if len(head) >= len(EBML_MAGIC) else None
+    if head[:1] == b"\x47":
+        for offset in range(TS_PACKET, min(len(head), PROBE_HEAD_BYTES), TS_PACKET):
+            if head[offset] != 0x47:
+                raise UnsupportedMedia("not MPEG-TS: lost packet sync in the first packets")
+        return ContainerFormat.MPEGTS if len(head) > TS_PACKET * (TS_PACKETS_TO_PROBE - 1) else None
+    if len(head) < 8:
+        # An MP4 box starts with a 32-bit size: a box of our kind is far under 4 GiB, so byte 0 is 0.
+        if head[:1] not in (b"", b"\x00"):
+            raise UnsupportedMedia(_UNSUPPORTED)
+        return None
+    size = int.from_bytes(head[:4], "big")
+    if head[4:8] in MP4_FIRST_BOXES and (size == 1 or size >= 8):
+        return ContainerFormat.MP4
+    raise UnsupportedMedia(_UNSUPPORTED)
+
+
+_UNSUPPORTED = "not WebM/Matroska, MPEG-TS or fragmented MP4"
+
+
+class ByteStreamReader:
+    """A bounded, thread-safe byte pipe: ``feed``/``end_input``/``abort`` from one side (any thread,
+    never blocking), ``read`` from the demuxer thread (blocking).
+
+    ``capacity`` (bytes) is where ``feed`` starts answering False; the buffer holds at most
+    ``capacity`` plus the last piece fed, because a writer that honours the answer stops there.
+    ``on_room`` is called on the reading thread, once per time the writer was told "full", when the
+    buffer has drained to ``low_water`` bytes (half the capacity by default)."""
+
+    def __init__(self, capacity: int, on_room: Callable[[], None] | None = None,
+                 low_water: int | None = None) -> None:
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self.capacity = capacity
+        self.low_water = capacity // 2 if low_water is None else low_water
+        self._on_room = on_room
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._offset = 0  # bytes of _chunks[0] already read
+        self._buffered = 0
+        self._ended = False  # no more input after the buffered bytes
+        self._aborted = False  # reads return b"" at once, buffered bytes are dropped
+        self._writer_told_full = False
+        self._changed = threading.Condition()
+        self.bytes_fed = 0
+        self.bytes_read = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed and not read yet."""
+        return self._buffered
+
+    def has_room(self) -> bool:
+        return self._buffered < self.capacity
+
+    def feed(self, data: bytes) -> bool:
+        """Append ``data``; returns whether the writer may feed more now. After False, wait for
+        ``on_room`` (or poll ``has_room``). Bytes fed after ``end_input``/``abort`` are dropped."""
+        with self._changed:
+            if self._ended or self._aborted:
+                return False
+            if data:
+                self._chunks.append(bytes(data))
+                self._buffered += len(data)
+                self.bytes_fed += len(data)
+                self._changed.notify_all()
+            room = self._buffered < self.capacity
+            if not room:
+                self._writer_told_full = True
+            return room
+
+    def end_input(self) -> None:
+        """No more bytes will come: ``read`` returns what is buffered, then b"" (end of file)."""
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def abort(self) -> None:
+        """Stop now: drop what is buffered; every ``read``, pending or later, returns b"" at once."""
+        with self._changed:
+            self._aborted = True
+            self._chunks.clear()
+            self._buffered = self._offset = 0
+            self._changed.notify_all()
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (all buffered when negative), blocking until at least one byte is
+        buffered; b"" at the end of input or after ``abort``. This is the file-like method PyAV calls."""
+        notify = False
+        with self._changed:
+            while not self._buffered and not self._ended and not self._aborted:
+                self._changed.wait()
+            if self._aborted or not self._buffered:
+                return b""
+            wanted = self._buffered if size < 0 else min(size, self._buffered)
+            pieces = []
+            while wanted:
+                chunk = self._chunks[0]
+                take = min(wanted, len(chunk) - self._offset)
+                pieces.append(chunk[self._offset:self._offset + take])
+                self._offset += take
+                wanted -= take
+                if self._offset == len(chunk):
+                    self._chunks.popleft()
+                    self._offset = 0
+            data = b"".join(pieces)
+            self._buffered -= len(data)
+            self.bytes_read += len(data)
+            if self._writer_told_full and self._buffered <= self.low_water:
+                self._writer_told_full = False
+                notify = True
+        if notify and self._on_room is not None:
+            self._on_room()  # outside the lock: the callback may feed
+        return data
+
+
+class _WatchedConsumer:
+    """Forwards to a ``FrameConsumer``, counting frames and sanitizing the frame-rate hint; after
+    ``stop`` is set, frames are dropped (the consumer's owner may be closing it already)."""
+
+    def __init__(self, consumer: FrameConsumer, stop: threading.Event) -> None:
+        self._consumer = consumer
+        self._stop = stop
+        self.frames = 0
+        self.last_frame_at: float | None = None  # time.monotonic()
+
+    def hint_frame_rate(self, frames_per_second: float | None) -> None:
+        # Matroska's millisecond time base makes FFmpeg guess rates like 1000 fps for browser video.
+        if frames_per_second and MIN_FRAME_RATE <= frames_per_second <= MAX_FRAME_RATE:
+            self._consumer.hint_frame_rate(frames_per_second)
+
+    def push_video(self, frame: av.VideoFrame) -> None:
+        if not self._stop.is_set():
+            self._seen()
+            self._consumer.push_video(frame)
+
+    def push_audio(self, frame: av.AudioFrame) -> None:
+        if not self._stop.is_set():
+            self._seen()
+            self._consumer.push_audio(frame)
+
+    def _seen(self) -> None:
+        self.frames += 1
+        self.last_frame_at = time.monotonic()
+
+
+class ContainerDemuxer:
+    """Decodes the first video and first audio stream of a container read from ``reader`` into
+    ``consumer`` (``hint_frame_rate``/``push_video``/``push_audio`` only: the consumer's
+    ``discontinuity`` and ``close`` belong to whoever owns it).
+
+    ``realtime``: hold decoding back to the media clock, so a publisher sending faster than real time
+    (ffmpeg without ``-re``) fills the reader and is slowed by back-pressure rather than racing the
+    live window ahead of the wall clock. ``probe_bytes``/``analyze_seconds`` bound what FFmpeg reads
+    before it returns from opening (codec parameters it has not seen by then come from the stream)."""
+
+    def __init__(self, reader: ByteStreamReader, container_format: ContainerFormat,
+                 consumer: FrameConsumer, *, realtime: bool = True, probe_bytes: int = PROBE_BYTES,
+                 analyze_seconds: float = ANALYZE_SECONDS) -> None:
+        self.reader = reader
+        self.container_format = container_format
+        self._stop = threading.Event()
+        self._consumer = _WatchedConsumer(consumer, self._stop)
+        self._realtime = realtime
+        self._options = {"probesize": str(max(32, probe_bytes)),
+                         "analyzeduration": str(int(analyze_seconds * 1_000_000))}
+
+    @property
+    def frames(self) -> int:
+        """Frames decoded and pushed so far (any thread)."""
+        return self._consumer.frames
+
+    @property
+    def last_frame_at(self) -> float | None:
+        """``time.monotonic()`` of the latest frame pushed, None before the first (any thread)."""
+        return self._consumer.last_frame_at
+
+    def stop(self) -> None:
+        """Make ``run`` return soon (from any thread): aborts the reader and any pacing wait, and no
+        frame reaches the consumer after this returns, except one being pushed at this moment."""
+        self._stop.set()
+        self.reader.abort()
+
+    def run(self) -> int:
+        """Blocking; call on a thread of its own. Opens, demuxes and decodes until the input ends or
+        ``stop()``; returns the frames pushed. Raises ``UnsupportedMedia`` when the bytes cannot be
+        opened or decoded (including an input that ended before any frame)."""
+        try:
+            container = av.open(self.reader, format=self.container_format.value,
+                                options=dict(self._options), buffer_size=READ_CHUNK)
+        except (av.FFmpegError, ValueError) as exc:
+            if self._stop.is_set():
+                return 0
+            raise UnsupportedMedia(f"cannot open as {self.container_format.value}: {exc}") from exc
+        try:
+            pacer = Pacer(self._stop) if self._realtime else None
+            frames = pump(container, self._consumer, pacer, self._stop)
+        except (av.FFmpegError, SourceError) as exc:
+            raise UnsupportedMedia(str(exc)) from exc
+        finally:
+            container.close()
+        if frames == 0 and not self._stop.is_set():
+            raise UnsupportedMedia("the input ended before any frame could be decoded")
+        return frames
