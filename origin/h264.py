@@ -111,7 +111,7 @@ class _BitReader:
         return (code + 1) // 2 if code % 2 else -(code // 2)
 
 
-def _remove_emulation_prevention(nal: bytes) -> bytes:
+def remove_emulation_prevention(nal: bytes) -> bytes:
     # Encoders insert 0x03 after any two zero bytes that would otherwise look like a start code.
     out = bytearray()
     zeros = 0
@@ -140,7 +140,7 @@ def parse_sps(nal: bytes) -> SpsInfo:
     """
     if not nal or nal_type(nal) != NAL_SPS:
         raise ValueError("not an SPS NAL unit")
-    reader = _BitReader(_remove_emulation_prevention(nal[1:]))
+    reader = _BitReader(remove_emulation_prevention(nal[1:]))
     profile_idc, constraint_flags, level_idc = reader.bits(8), reader.bits(8), reader.bits(8)
     reader.ue()  # seq_parameter_set_id
     chroma_format_idc, separate_colour_plane, bit_depth_luma, bit_depth_chroma = 1, False, 8, 8

@@ -173,22 +173,11 @@ def _bits_of(data: bytes) -> str:
     return "".join(format(byte, "08b") for byte in data)
 
 
-def _remove_emulation_prevention(nal: bytes) -> bytes:
-    out, zeros = bytearray(), 0
-    for byte in nal:
-        if zeros >= 2 and byte == 3:
-            zeros = 0
-            continue
-        out.append(byte)
-        zeros = zeros + 1 if byte == 0 else 0
-    return bytes(out)
-
-
 def _with_flat_scaling_lists(sps: bytes, first_list_default: bool) -> bytes:
     """Rewrite a high-profile SPS to carry explicit scaling lists (x264 only ever writes flat matrices
     in the PPS). Flat-16 lists dequantise exactly like no lists; ``first_list_default`` makes list 0
     signal "use the default" through a zero next_scale instead."""
-    bits = _bits_of(_remove_emulation_prevention(sps[1:]))
+    bits = _bits_of(h264.remove_emulation_prevention(sps[1:]))
 
     def after_ue(position: int) -> int:
         leading_zeros = bits.index("1", position) - position
