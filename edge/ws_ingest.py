@@ -26,11 +26,12 @@ After the upgrade the session ends with a close frame whose reason says why:
 1013 a publisher limit (node, address or token subject): try again later
 ==== ==========================================================================================
 
-Memory per publisher is bounded (``IngestLimits``): ``websockets`` holds at most ``MAX_QUEUED_FRAMES``
-frames of at most ``max_message_bytes``; the reader holds ``buffer_bytes`` plus one message. When the
-reader is full (the decoder, paced to the media clock, is behind the bytes), this module stops
-calling ``recv()``; ``websockets`` then stops reading the socket and TCP flow control slows the
-publisher. A transcoder that falls behind drops frames in its own bounded queues (never blocks).
+Memory per publisher is bounded (``IngestLimits``): ``websockets`` holds at most
+``MAX_QUEUED_FRAMES`` frames of at most ``max_message_bytes``; the reader holds ``buffer_bytes``
+plus one message (about 7 MiB in all by default). When the reader is full (the decoder, paced to the
+media clock, is behind the bytes), this module stops calling ``recv()``; ``websockets`` then stops
+reading the socket and TCP flow control slows the publisher. A transcoder that falls behind drops
+frames in its own bounded queues (never blocks).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ READ_BUFFER_BYTES = 2 * 1024 * 1024  # bytes waiting for the demuxer before back
 MAX_BITRATE = 20_000_000  # bits per second, averaged over BITRATE_WINDOW
 BITRATE_WINDOW = 3.0  # seconds
 NO_MEDIA_TIMEOUT = 10.0  # seconds without a decoded frame (from the upgrade on) before closing
-DRAIN_TIMEOUT = 2.0  # seconds to decode what a publisher sent before it closed cleanly
-DEMUX_STOP_TIMEOUT = 15.0  # seconds to wait for the decode thread (a transcoder handoff takes <= 10)
+DRAIN_TIMEOUT = 2.0  # seconds to decode (unpaced) what a publisher sent before it closed
+DEMUX_STOP_TIMEOUT = 15.0  # seconds to wait for the decode thread (a transcoder handoff: <= 10)
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the publisher's closing handshake
 MAX_CLOSE_REASON_BYTES = 123  # what fits in a close frame
 # Environment overrides of the defaults above (tests shorten the no-media timeout).
@@ -91,8 +92,9 @@ class IngestLimits:
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> IngestLimits:
-        """The defaults, with ``LIVEDGE_WS_NO_MEDIA_TIMEOUT`` (seconds) and ``LIVEDGE_WS_MAX_BITRATE``
-        (bits per second) applied when set. Raises ValueError naming a bad value."""
+        """The defaults, with ``LIVEDGE_WS_NO_MEDIA_TIMEOUT`` (seconds) and
+        ``LIVEDGE_WS_MAX_BITRATE`` (bits per second) applied when set. Raises ValueError naming a
+        bad value."""
         changes: dict[str, float | int] = {}
         for variable, field, parse in ((NO_MEDIA_TIMEOUT_ENV, "no_media_timeout", float),
                                        (MAX_BITRATE_ENV, "max_bitrate", int)):
@@ -178,7 +180,7 @@ class WebSocketIngest:
             log.error("websocket ingest disabled: cannot listen on %s:%s: %s", self._host,
                       self._requested_port, error)
             return False
-        log.info("websocket ingest listening", extra={"port": self.port})
+        log.info("websocket ingest listening on %s:%d", self._host, self.port)
         return True
 
     async def _serve(self) -> Server:
@@ -187,6 +189,9 @@ class WebSocketIngest:
             process_request=self._admit,
             max_size=self.limits.max_message_bytes,
             max_queue=MAX_QUEUED_FRAMES,
+            # No keepalive pings: under back-pressure the pong waits unread behind media frames and
+            # the ping would time out. A dead publisher sends no media: the watchdog closes it.
+            ping_interval=None,
             compression=None,  # media does not deflate; inflating is CPU and a memory bomb vector
             close_timeout=CLOSE_TIMEOUT,
             logger=log)
@@ -197,7 +202,7 @@ class WebSocketIngest:
         self._server.close()
         await self._server.wait_closed()
 
-    # -- before the upgrade --------------------------------------------------------------------------
+    # -- before the upgrade ------------------------------------------------------------------------
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
         """``process_request``: None lets the upgrade proceed; a response refuses it."""
@@ -205,6 +210,7 @@ class WebSocketIngest:
             admission = self._authorize(request)
         except LivedgeError as error:
             response = connection.respond(error.status, json.dumps(error.to_json()))
+            del response.headers["Content-Type"]  # respond() says text/plain
             response.headers["Content-Type"] = "application/json"
             return response
         self._admitted[connection] = admission
@@ -221,7 +227,7 @@ class WebSocketIngest:
         claims = self._verifier().verify(token, Scope.PUBLISH, stream)
         return _Admission(stream, claims)
 
-    # -- after the upgrade ---------------------------------------------------------------------------
+    # -- after the upgrade -------------------------------------------------------------------------
 
     async def _handle(self, connection: ServerConnection) -> None:
         admission = self._admitted.pop(connection)
@@ -243,10 +249,12 @@ class WebSocketIngest:
             if end.code is not None:
                 await connection.close(end.code, _fit(end.reason))
             await self._publishing.end(publication)
-            log.info("websocket publish ended", extra={
-                "stream": admission.stream, "session": publication.session_id,
-                "close_code": end.code, "reason": end.reason, "bytes": session.bytes_received,
-                "frames": session.frames})
+            log.info("websocket publish ended: %s, %d bytes, %d frames",
+                     f"sent {end.code} {end.reason!r}" if end.code is not None
+                     else f"the publisher left {end.reason}".rstrip(),
+                     session.bytes_received, session.frames,
+                     extra={"stream": admission.stream, "session": publication.session_id,
+                            "peer": address})
 
 
 def _close_code_for(error: LivedgeError) -> int:
@@ -325,7 +333,7 @@ class _Session:
             log.error("websocket decode thread did not stop",
                       extra={"stream": self._publication.stream_name})
 
-    # -- the receive loop ----------------------------------------------------------------------------
+    # -- the receive loop --------------------------------------------------------------------------
 
     async def _receive(self) -> None:
         meter = BitrateMeter(self._limits.bitrate_window)
@@ -354,7 +362,8 @@ class _Session:
                 try:
                     container_format = probe_container(head[:PROBE_HEAD_BYTES])
                 except UnsupportedMedia as error:
-                    self._finish(SessionEnd(CloseCode.UNSUPPORTED_DATA, f"unsupported data: {error}"))
+                    self._finish(SessionEnd(CloseCode.UNSUPPORTED_DATA,
+                                            f"unsupported data: {error}"))
                     return
                 if container_format is None:
                     continue
@@ -371,7 +380,8 @@ class _Session:
     async def _publisher_left(self) -> None:
         """The publisher closed (or lost) the connection: decode what it sent, briefly, then end."""
         self._publisher_gone = True
-        self._reader.end_input()
+        if self._demuxer is not None:
+            self._demuxer.end_input()
         if self._decoded is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._decoded), DRAIN_TIMEOUT)
@@ -383,7 +393,7 @@ class _Session:
         """Called on the decode thread when the reader has room again."""
         self._loop.call_soon_threadsafe(self._room.set)
 
-    # -- the decode thread ---------------------------------------------------------------------------
+    # -- the decode thread -------------------------------------------------------------------------
 
     def _start_decoding(self, demuxer: ContainerDemuxer) -> asyncio.Future[Exception | None]:
         decoded: asyncio.Future[Exception | None] = self._loop.create_future()
@@ -409,18 +419,19 @@ class _Session:
         return decoded
 
     def _decoding_ended(self, error: Exception | None) -> None:
-        if isinstance(error, UnsupportedMedia):
-            self._finish(SessionEnd(CloseCode.UNSUPPORTED_DATA, f"unsupported data: {error}"))
-        elif error is not None:
+        if error is not None and not isinstance(error, UnsupportedMedia):
             log.error("websocket decode thread failed: %s: %s", type(error).__name__, error,
                       extra={"stream": self._publication.stream_name})
+        if self._publisher_gone:  # nobody to tell: the reason is for the log
+            self._finish(SessionEnd(None, f"(then decoding failed: {error})" if error else ""))
+        elif isinstance(error, UnsupportedMedia):
+            self._finish(SessionEnd(CloseCode.UNSUPPORTED_DATA, f"unsupported data: {error}"))
+        elif error is not None:
             self._finish(SessionEnd(CloseCode.INTERNAL_ERROR, "internal error"))
-        elif self._publisher_gone:
-            self._finish(SessionEnd(None))
         else:  # the container said it was complete while the socket stayed open
             self._finish(SessionEnd(CloseCode.NORMAL_CLOSURE, "the container ended"))
 
-    # -- the watchdog --------------------------------------------------------------------------------
+    # -- the watchdog ------------------------------------------------------------------------------
 
     async def _watch_for_media(self) -> None:
         timeout = self._limits.no_media_timeout

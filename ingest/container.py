@@ -2,18 +2,19 @@
 
 Three parts, each usable alone:
 
-* ``probe_container(head)``: pure. Names the container from its first bytes (WebM/Matroska, MPEG-TS,
-  fragmented MP4), asks for more bytes, or rejects the input. We probe ourselves instead of letting
-  FFmpeg guess, because FFmpeg's guess over a few hundred arbitrary bytes may be any of its hundreds of
-  demuxers (an HTML page reads as "tty" text-as-video); only these three are streamable from a pipe.
+* ``probe_container(head)``: pure. Names the container from its first bytes (WebM/Matroska,
+  MPEG-TS, fragmented MP4), asks for more bytes, or rejects the input. We probe ourselves instead of
+  letting FFmpeg guess, because FFmpeg's guess over a few hundred arbitrary bytes may be any of its
+  hundreds of demuxers (an HTML page reads as "tty" text-as-video); only these three stream from a
+  pipe.
 * ``ByteStreamReader``: a bounded pipe. The network side ``feed()``s bytes without ever blocking; a
-  PyAV demuxer thread ``read()``s them, blocking until bytes, the end of input or ``abort()``. When the
-  buffer is full, ``feed()`` says so and the network side must stop taking bytes from its socket until
-  ``on_room`` is called: the socket's receive window then closes and TCP slows the publisher down
-  (back-pressure) instead of memory growing.
-* ``ContainerDemuxer``: opens the reader with PyAV in the calling thread (the caller starts one) with a
-  small probe, so decoding starts after a few KiB rather than FFmpeg's default 5 MB / 5 s, and decodes
-  into a frame consumer (a ``LadderTranscoder``), paced to the media clock by default.
+  PyAV demuxer thread ``read()``s them, blocking until bytes, the end of input or ``abort()``. When
+  the buffer is full, ``feed()`` says so and the network side must stop taking bytes from its socket
+  until ``on_room`` is called: the socket's receive window then closes and TCP slows the publisher
+  down (back-pressure) instead of memory growing.
+* ``ContainerDemuxer``: opens the reader with PyAV in the calling thread (the caller starts one)
+  with a small probe, so decoding starts after a few KiB rather than FFmpeg's default 5 MB / 5 s,
+  and decodes into a frame consumer (a ``LadderTranscoder``), paced to the media clock by default.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import av
 from ingest.pull import FrameConsumer, Pacer, SourceError, pump
 
 TS_PACKET = 188
-TS_PACKETS_TO_PROBE = 3  # sync bytes at 0, 188 and 376 make a chance match of random bytes 1 in 16 M
+TS_PACKETS_TO_PROBE = 3  # sync bytes at 0, 188 and 376: random bytes match once in 16.7 million
 PROBE_HEAD_BYTES = TS_PACKET * TS_PACKETS_TO_PROBE  # the most bytes probe_container ever needs
 EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 # Top-level ISO BMFF boxes a fragmented MP4 stream may start with.
@@ -37,7 +38,7 @@ MP4_FIRST_BOXES = frozenset({b"ftyp", b"styp", b"moov", b"moof", b"free", b"skip
 PROBE_BYTES = 32 * 1024  # FFmpeg's probesize while opening: enough for headers and a first keyframe
 ANALYZE_SECONDS = 0.5  # FFmpeg's analyzeduration while opening
 READ_CHUNK = 32 * 1024  # bytes PyAV asks for per read (its I/O buffer)
-MIN_FRAME_RATE, MAX_FRAME_RATE = 1.0, 120.0  # a container's nominal rate outside this is not believed
+MIN_FRAME_RATE, MAX_FRAME_RATE = 1.0, 120.0  # a nominal rate outside this is not believed
 
 
 class ContainerFormat(enum.Enum):
@@ -48,6 +49,9 @@ class ContainerFormat(enum.Enum):
     MP4 = "mp4"  # fragmented MP4 (or any MP4 whose moov comes before its media)
 
 
+_UNSUPPORTED = "not WebM/Matroska, MPEG-TS or fragmented MP4"
+
+
 class UnsupportedMedia(Exception):
     """The bytes are not a container we can probe, or opening/decoding them failed. The message is
     safe to show to the publisher."""
@@ -55,8 +59,8 @@ class UnsupportedMedia(Exception):
 
 def probe_container(head: bytes) -> ContainerFormat | None:
     """The container ``head`` (the first bytes of the stream, any length) starts; ``None`` when more
-    bytes are needed to tell (never more than ``PROBE_HEAD_BYTES``). Raises ``UnsupportedMedia`` when
-    it is none of the supported containers."""
+    bytes are needed to tell (never more than ``PROBE_HEAD_BYTES``). Raises ``UnsupportedMedia``
+    when it is none of the supported containers."""
     if head[:len(EBML_MAGIC)] == EBML_MAGIC[:len(head)]:
         return ContainerFormat.MATROSKA if len(head) >= len(EBML_MAGIC) else None
     if head[:1] == b"\x47":
@@ -65,7 +69,7 @@ def probe_container(head: bytes) -> ContainerFormat | None:
                 raise UnsupportedMedia("not MPEG-TS: lost packet sync in the first packets")
         return ContainerFormat.MPEGTS if len(head) > TS_PACKET * (TS_PACKETS_TO_PROBE - 1) else None
     if len(head) < 8:
-        # An MP4 box starts with a 32-bit size: a box of our kind is far under 4 GiB, so byte 0 is 0.
+        # An MP4 box starts with its 32-bit size; a header box is under 16 MiB, so byte 0 is 0.
         if head[:1] not in (b"", b"\x00"):
             raise UnsupportedMedia(_UNSUPPORTED)
         return None
@@ -73,9 +77,6 @@ def probe_container(head: bytes) -> ContainerFormat | None:
     if head[4:8] in MP4_FIRST_BOXES and (size == 1 or size >= 8):
         return ContainerFormat.MP4
     raise UnsupportedMedia(_UNSUPPORTED)
-
-
-_UNSUPPORTED = "not WebM/Matroska, MPEG-TS or fragmented MP4"
 
 
 class ByteStreamReader:
@@ -135,7 +136,7 @@ class ByteStreamReader:
             self._changed.notify_all()
 
     def abort(self) -> None:
-        """Stop now: drop what is buffered; every ``read``, pending or later, returns b"" at once."""
+        """Stop now: drop what is buffered; every ``read``, pending or later, returns b""."""
         with self._changed:
             self._aborted = True
             self._chunks.clear()
@@ -144,7 +145,7 @@ class ByteStreamReader:
 
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (all buffered when negative), blocking until at least one byte is
-        buffered; b"" at the end of input or after ``abort``. This is the file-like method PyAV calls."""
+        buffered; b"" at the end of input or after ``abort``. The file-like method PyAV calls."""
         notify = False
         with self._changed:
             while not self._buffered and not self._ended and not self._aborted:
@@ -173,9 +174,21 @@ class ByteStreamReader:
         return data
 
 
+def nominal_frame_rate(stream: av.video.stream.VideoStream) -> float | None:
+    """The frame rate a video stream announces, in frames per second, or None when it tells
+    nothing believable. FFmpeg's ``r_frame_rate`` guess first: read from a pipe, a fragmented MP4's
+    average rate comes from its first frame alone, whose duration also holds the audio priming
+    (18.3 fps for a 30 fps stream). Matroska's millisecond time base can make either guess 1000."""
+    for rate in (stream.guessed_rate, stream.average_rate):
+        if rate and MIN_FRAME_RATE <= float(rate) <= MAX_FRAME_RATE:
+            return float(rate)
+    return None
+
+
 class _WatchedConsumer:
-    """Forwards to a ``FrameConsumer``, counting frames and sanitizing the frame-rate hint; after
-    ``stop`` is set, frames are dropped (the consumer's owner may be closing it already)."""
+    """Forwards to a ``FrameConsumer``, counting frames; the frame-rate hint comes from
+    ``nominal_frame_rate`` (``pump``'s own hint is dropped); after ``stop`` is set, frames are
+    dropped (the consumer's owner may be closing it already)."""
 
     def __init__(self, consumer: FrameConsumer, stop: threading.Event) -> None:
         self._consumer = consumer
@@ -184,9 +197,10 @@ class _WatchedConsumer:
         self.last_frame_at: float | None = None  # time.monotonic()
 
     def hint_frame_rate(self, frames_per_second: float | None) -> None:
-        # Matroska's millisecond time base makes FFmpeg guess rates like 1000 fps for browser video.
-        if frames_per_second and MIN_FRAME_RATE <= frames_per_second <= MAX_FRAME_RATE:
-            self._consumer.hint_frame_rate(frames_per_second)
+        pass  # pump's hint (average rate first) is replaced by nominal_frame_rate's
+
+    def hint_nominal_frame_rate(self, frames_per_second: float | None) -> None:
+        self._consumer.hint_frame_rate(frames_per_second)
 
     def push_video(self, frame: av.VideoFrame) -> None:
         if not self._stop.is_set():
@@ -208,10 +222,11 @@ class ContainerDemuxer:
     ``consumer`` (``hint_frame_rate``/``push_video``/``push_audio`` only: the consumer's
     ``discontinuity`` and ``close`` belong to whoever owns it).
 
-    ``realtime``: hold decoding back to the media clock, so a publisher sending faster than real time
-    (ffmpeg without ``-re``) fills the reader and is slowed by back-pressure rather than racing the
-    live window ahead of the wall clock. ``probe_bytes``/``analyze_seconds`` bound what FFmpeg reads
-    before it returns from opening (codec parameters it has not seen by then come from the stream)."""
+    ``realtime``: hold decoding back to the media clock, so a publisher sending faster than real
+    time (ffmpeg without ``-re``) fills the reader and is slowed by back-pressure rather than racing
+    the live window ahead of the wall clock. ``probe_bytes``/``analyze_seconds`` bound what FFmpeg
+    reads before it returns from opening (codec parameters it has not seen by then come from the
+    stream)."""
 
     def __init__(self, reader: ByteStreamReader, container_format: ContainerFormat,
                  consumer: FrameConsumer, *, realtime: bool = True, probe_bytes: int = PROBE_BYTES,
@@ -223,6 +238,7 @@ class ContainerDemuxer:
         self._realtime = realtime
         self._options = {"probesize": str(max(32, probe_bytes)),
                          "analyzeduration": str(int(analyze_seconds * 1_000_000))}
+        self._unpaced = threading.Event()  # set: pacing waits return at once
 
     @property
     def frames(self) -> int:
@@ -238,7 +254,14 @@ class ContainerDemuxer:
         """Make ``run`` return soon (from any thread): aborts the reader and any pacing wait, and no
         frame reaches the consumer after this returns, except one being pushed at this moment."""
         self._stop.set()
+        self._unpaced.set()
         self.reader.abort()
+
+    def end_input(self) -> None:
+        """No more bytes will come (from any thread): decode what is buffered as fast as possible,
+        without pacing, then ``run`` returns."""
+        self._unpaced.set()
+        self.reader.end_input()
 
     def run(self) -> int:
         """Blocking; call on a thread of its own. Opens, demuxes and decodes until the input ends or
@@ -250,14 +273,25 @@ class ContainerDemuxer:
         except (av.FFmpegError, ValueError) as exc:
             if self._stop.is_set():
                 return 0
-            raise UnsupportedMedia(f"cannot open as {self.container_format.value}: {exc}") from exc
+            raise UnsupportedMedia(f"cannot open as {self.container_format.value}: "
+                                   f"{_describe(exc)}") from exc
         try:
-            pacer = Pacer(self._stop) if self._realtime else None
+            if container.streams.video:
+                self._consumer.hint_nominal_frame_rate(
+                    nominal_frame_rate(container.streams.video[0]))
+            pacer = Pacer(self._unpaced) if self._realtime else None
             frames = pump(container, self._consumer, pacer, self._stop)
         except (av.FFmpegError, SourceError) as exc:
-            raise UnsupportedMedia(str(exc)) from exc
+            raise UnsupportedMedia(_describe(exc)) from exc
         finally:
             container.close()
         if frames == 0 and not self._stop.is_set():
             raise UnsupportedMedia("the input ended before any frame could be decoded")
         return frames
+
+
+def _describe(error: Exception) -> str:
+    """FFmpeg's words for ``error`` without PyAV's errno and file name decoration."""
+    if isinstance(error, av.FFmpegError) and error.strerror:
+        return str(error.strerror)
+    return str(error)

@@ -216,7 +216,8 @@ def pump(container: av.container.InputContainer, consumer: FrameConsumer, pacer:
     if video is not None:
         # Frame threads decode on the cores the encoders leave idle, for (threads - 1) frames of delay.
         video.thread_type = "AUTO"
-        rate = video.average_rate or video.guessed_rate
+        # From a pipe, average_rate is computed from the first frame alone: prefer guessed_rate.
+        rate = video.guessed_rate or video.average_rate
         consumer.hint_frame_rate(float(rate) if rate else None)
     frames = 0
     errors_in_a_row = 0

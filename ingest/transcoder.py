@@ -282,7 +282,12 @@ class LadderTranscoder:
 
 
 def _nominal_frame_rate(frame: av.VideoFrame, hint: float | None) -> float:
-    """Frames per second: the frame's own duration if plausible, else the source's hint."""
+    """Frames per second: the source's hint, else the first frame's own duration if plausible.
+
+    The hint wins because a first frame's duration can lie: FFmpeg's fragmented MP4 gives the
+    first video frame the audio priming too (a 30 fps stream then looks like 18 fps)."""
+    if hint and MIN_FRAME_RATE <= hint <= MAX_FRAME_RATE:
+        return hint
     if frame.duration and frame.time_base:
         rate = 1.0 / float(frame.duration * frame.time_base)
         if MIN_FRAME_RATE <= rate <= MAX_FRAME_RATE:

@@ -1,0 +1,373 @@
+"""Container probing, the bounded byte pipe and incremental demuxing, with media made by PyAV."""
+
+from __future__ import annotations
+
+import io
+import random
+import threading
+import time
+
+import av
+import pytest
+
+from ingest.container import (PROBE_HEAD_BYTES, ByteStreamReader, ContainerDemuxer, ContainerFormat,
+                              UnsupportedMedia, probe_container)
+
+pytestmark = pytest.mark.timeout(60)
+
+FRAGMENTED_MP4 = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+HTML_PAGE = b"<!DOCTYPE html><html><head><title>Hi</title></head><body>" + b"x" * 2000 + b"</html>"
+
+
+def encode_test_media(container: str, video_codec: str, audio_codec: str, *, seconds: float = 2.0,
+                      size: tuple[int, int] = (320, 180), rate: int = 30,
+                      options: dict[str, str] | None = None) -> bytes:
+    """``seconds`` of lavfi testsrc2 and a 440 Hz sine, encoded into an in-memory ``container``."""
+    graph = (f"testsrc2=size={size[0]}x{size[1]}:rate={rate}[out0];"
+             "sine=frequency=440:sample_rate=48000[out1]")
+    video_options = {"libx264": {"preset": "ultrafast", "g": str(rate)},
+                     "libvpx": {"deadline": "realtime", "cpu-used": "8"},
+                     "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8"}}.get(video_codec, {})
+    buffer = io.BytesIO()
+    with av.open(graph, format="lavfi") as source, \
+            av.open(buffer, "w", format=container, options=options or {}) as target:
+        video = target.add_stream(video_codec, rate=rate, options=video_options)
+        video.width, video.height, video.pix_fmt = size[0], size[1], "yuv420p"
+        audio = target.add_stream(audio_codec, rate=48_000)
+        finished = set()
+        for frame in source.decode(source.streams.video[0], source.streams.audio[0]):
+            stream = video if isinstance(frame, av.VideoFrame) else audio
+            if frame.time >= seconds:
+                finished.add(stream.type)
+                if len(finished) == 2:
+                    break
+                continue
+            target.mux(stream.encode(frame))
+        target.mux(video.encode(None))
+        target.mux(audio.encode(None))
+    return buffer.getvalue()
+
+
+MEDIA = {
+    "webm-vp8-opus": ("webm", "libvpx", "libopus", None),
+    "webm-vp9-opus": ("webm", "libvpx-vp9", "libopus", None),
+    "mkv-h264-opus": ("matroska", "libx264", "libopus", None),
+    "ts-h264-aac": ("mpegts", "libx264", "aac", None),
+    "ts-h264-mp2": ("mpegts", "libx264", "mp2", None),
+    "fmp4-h264-aac": ("mp4", "libx264", "aac", FRAGMENTED_MP4),
+}
+EXPECTED_FORMAT = {"webm": ContainerFormat.MATROSKA, "matroska": ContainerFormat.MATROSKA,
+                   "mpegts": ContainerFormat.MPEGTS, "mp4": ContainerFormat.MP4}
+
+
+@pytest.fixture(scope="module")
+def media() -> dict[str, bytes]:
+    return {name: encode_test_media(container, video, audio, options=options)
+            for name, (container, video, audio, options) in MEDIA.items()}
+
+
+class RecordingConsumer:
+    """A frame consumer that keeps what it is given (the transcoder's producer-side interface)."""
+
+    def __init__(self) -> None:
+        self.hints: list[float | None] = []
+        self.video: list[av.VideoFrame] = []
+        self.audio: list[av.AudioFrame] = []
+        self.first_frame_at: float | None = None
+
+    def hint_frame_rate(self, frames_per_second: float | None) -> None:
+        self.hints.append(frames_per_second)
+
+    def push_video(self, frame: av.VideoFrame) -> None:
+        self.first_frame_at = self.first_frame_at or time.monotonic()
+        self.video.append(frame)
+
+    def push_audio(self, frame: av.AudioFrame) -> None:
+        self.first_frame_at = self.first_frame_at or time.monotonic()
+        self.audio.append(frame)
+
+    def discontinuity(self) -> None:
+        raise AssertionError("the demuxer must not call discontinuity()")
+
+    def close(self) -> None:
+        raise AssertionError("the demuxer must not close its consumer")
+
+
+class DemuxRun:
+    """A ContainerDemuxer running on a thread, as the WebSocket ingest runs it."""
+
+    def __init__(self, demuxer: ContainerDemuxer) -> None:
+        self.demuxer = demuxer
+        self.frames: int | None = None
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._body, daemon=True)
+        self.thread.start()
+
+    def _body(self) -> None:
+        try:
+            self.frames = self.demuxer.run()
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            self.error = exc
+
+    def join(self, timeout: float = 20) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the demuxer did not return"
+
+
+def feed_all(reader: ByteStreamReader, data: bytes, chunk: int = 32 * 1024) -> None:
+    for offset in range(0, len(data), chunk):
+        reader.feed(data[offset:offset + chunk])
+
+
+# -- probing -------------------------------------------------------------------------------------
+
+TS_PACKET = b"\x47" + bytes(187)
+
+
+@pytest.mark.parametrize("head, expected", [
+    (b"", None),
+    (b"\x1a\x45", None),  # a Matroska magic, cut short
+    (b"\x1a\x45\xdf\xa3", ContainerFormat.MATROSKA),
+    (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81", ContainerFormat.MATROSKA),
+    (b"\x47", None),
+    (TS_PACKET * 2, None),  # two packets in sync are not yet enough
+    (TS_PACKET * 2 + b"\x47", ContainerFormat.MPEGTS),
+    (TS_PACKET * 3, ContainerFormat.MPEGTS),
+    (b"\x00\x00\x00", None),
+    (b"\x00\x00\x00\x1cftypiso5", ContainerFormat.MP4),
+    (b"\x00\x00\x00\x18styp", ContainerFormat.MP4),
+    (b"\x00\x00\x00\x01moof" + bytes(8), ContainerFormat.MP4),  # a 64-bit box size follows
+])
+def test_probe_names_the_container_or_asks_for_more(head, expected):
+    assert probe_container(head) is expected
+
+
+@pytest.mark.parametrize("head", [
+    HTML_PAGE,
+    b"<",  # one byte is enough to rule everything out
+    b"\x1a\x46\xdf\xa3",  # almost EBML
+    TS_PACKET + b"\x48" + bytes(187),  # sync lost in the second packet
+    TS_PACKET * 2 + b"\x00",  # ... or in the third
+    b"\x00\x00\x00\x1cmdat" + bytes(20),  # media before any header: not streamable
+    b"\x00\x00\x00\x00ftyp",  # a box size of 0 is never a header box
+    b"RIFF\x24\x00\x00\x00WAVEfmt ",
+    b"FLV\x01\x05\x00\x00\x00\x09",
+    b"\xff\xfb\x90\x64" + bytes(100),  # an MP3 frame header
+    b'{"type": "offer"}',
+])
+def test_probe_rejects_everything_else(head):
+    with pytest.raises(UnsupportedMedia):
+        probe_container(head)
+
+
+def test_random_bytes_are_rejected_within_the_probe_head():
+    generator = random.Random(7)
+    rejected = 0
+    for _ in range(500):
+        head = generator.randbytes(PROBE_HEAD_BYTES)
+        try:
+            probe_container(head)
+        except UnsupportedMedia:
+            rejected += 1
+    assert rejected == 500
+
+
+@pytest.mark.parametrize("name", list(MEDIA))
+def test_probe_recognizes_real_containers(media, name):
+    data = media[name]
+    assert probe_container(data[:PROBE_HEAD_BYTES]) is EXPECTED_FORMAT[MEDIA[name][0]]
+
+
+# -- the byte pipe -------------------------------------------------------------------------------
+
+def test_reads_cross_chunk_boundaries_and_return_at_most_size():
+    reader = ByteStreamReader(capacity=100)
+    reader.feed(b"abc")
+    reader.feed(b"defgh")
+    assert reader.read(2) == b"ab"
+    assert reader.read(4) == b"cdef"
+    assert reader.buffered == 2
+    assert reader.read(100) == b"gh"
+    assert reader.bytes_fed == reader.bytes_read == 8
+
+
+def test_a_read_blocks_until_bytes_arrive():
+    reader = ByteStreamReader(capacity=100)
+    got: list[bytes] = []
+    thread = threading.Thread(target=lambda: got.append(reader.read(10)))
+    thread.start()
+    time.sleep(0.1)
+    assert thread.is_alive() and not got
+    reader.feed(b"hello")
+    thread.join(2)
+    assert got == [b"hello"]
+
+
+def test_end_of_input_returns_the_rest_then_eof():
+    reader = ByteStreamReader(capacity=100)
+    reader.feed(b"tail")
+    reader.end_input()
+    assert reader.feed(b"more") is False  # dropped
+    assert reader.read(10) == b"tail"
+    assert reader.read(10) == b""
+
+
+def test_abort_wakes_a_blocked_read_and_drops_the_buffer():
+    reader = ByteStreamReader(capacity=100)
+    got: list[bytes] = []
+    thread = threading.Thread(target=lambda: got.append(reader.read(10)))
+    thread.start()
+    time.sleep(0.05)
+    reader.abort()
+    thread.join(2)
+    assert got == [b""]
+    reader2 = ByteStreamReader(capacity=100)
+    reader2.feed(b"buffered")
+    reader2.abort()
+    assert reader2.read(10) == b"" and reader2.buffered == 0
+
+
+def test_a_full_buffer_tells_the_writer_and_calls_back_once_drained_to_low_water():
+    room_calls: list[int] = []
+    reader = ByteStreamReader(capacity=10, on_room=lambda: room_calls.append(reader.buffered))
+    assert reader.feed(b"12345") is True
+    assert reader.feed(b"67890") is False  # at capacity: stop feeding
+    assert not reader.has_room()
+    assert reader.read(3) == b"123"  # 7 left: above low water (5)
+    assert room_calls == []
+    assert reader.read(2) == b"45"
+    assert room_calls == [5]
+    assert reader.read(5) == b"67890"
+    assert room_calls == [5]  # once per "full", not per read
+
+
+def test_the_buffer_never_holds_more_than_capacity_plus_one_piece():
+    reader = ByteStreamReader(capacity=64 * 1024)
+    largest = 0
+    for _ in range(100):  # a writer that honours feed()'s answer
+        if not reader.feed(bytes(10_000)):
+            largest = max(largest, reader.buffered)
+            reader.read(40_000)
+    assert 64 * 1024 <= largest < 64 * 1024 + 10_000
+
+
+# -- demuxing ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(MEDIA))
+def test_every_container_decodes_incrementally(media, name):
+    data = media[name]
+    reader = ByteStreamReader(capacity=len(data) + 1)
+    consumer = RecordingConsumer()
+    run = DemuxRun(ContainerDemuxer(reader, probe_container(data[:PROBE_HEAD_BYTES]), consumer,
+                                    realtime=False))
+    # The first 40 % of the bytes alone already yield frames: nothing waits for the end.
+    feed_all(reader, data[:len(data) * 4 // 10])
+    deadline = time.monotonic() + 10
+    while not consumer.video and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert consumer.video, "no frame before the rest of the stream arrived"
+    assert run.thread.is_alive()  # still waiting for more bytes
+    feed_all(reader, data[len(data) * 4 // 10:])
+    reader.end_input()
+    run.join()
+    assert run.error is None
+    assert len(consumer.video) == pytest.approx(60, abs=2)  # 2 s at 30 fps
+    assert sum(f.samples for f in consumer.audio) / 48_000 == pytest.approx(2.0, abs=0.1)
+    assert (consumer.video[0].width, consumer.video[0].height) == (320, 180)
+    assert run.frames == len(consumer.video) + len(consumer.audio) == run.demuxer.frames
+    assert consumer.hints == [30.0]  # the nominal rate, not the average of the first frames
+    times = [f.time for f in consumer.video]
+    assert times == sorted(times) and times[0] < 0.1
+
+
+def test_realtime_decoding_follows_the_media_clock(media):
+    data = media["ts-h264-aac"]
+    reader = ByteStreamReader(capacity=len(data) + 1)
+    consumer = RecordingConsumer()
+    feed_all(reader, data)
+    reader.end_input()
+    started = time.monotonic()
+    run = DemuxRun(ContainerDemuxer(reader, ContainerFormat.MPEGTS, consumer))
+    run.join()
+    took = time.monotonic() - started
+    assert run.error is None and len(consumer.video) >= 58
+    assert 1.7 <= took <= 3.5  # 2 s of media, not as fast as the CPU decodes
+    assert consumer.first_frame_at - started < 0.5  # but the first frame comes at once
+
+
+def test_stop_ends_a_demuxer_waiting_for_bytes(media):
+    reader = ByteStreamReader(capacity=1 << 20)
+    reader.feed(media["webm-vp8-opus"][:200])  # a header cut short: opening blocks for more
+    consumer = RecordingConsumer()
+    demuxer = ContainerDemuxer(reader, ContainerFormat.MATROSKA, consumer)
+    run = DemuxRun(demuxer)
+    time.sleep(0.2)
+    assert run.thread.is_alive()
+    demuxer.stop()
+    run.join(5)
+    assert run.error is None and run.frames == 0 and consumer.video == []
+
+
+def test_stop_mid_stream_stops_pushing_frames(media):
+    data = media["ts-h264-aac"]
+    reader = ByteStreamReader(capacity=len(data) + 1)
+    feed_all(reader, data)
+    consumer = RecordingConsumer()
+    demuxer = ContainerDemuxer(reader, ContainerFormat.MPEGTS, consumer)  # paced: ~2 s
+    run = DemuxRun(demuxer)
+    time.sleep(0.5)
+    demuxer.stop()
+    pushed = len(consumer.video)
+    run.join(5)
+    assert 0 < pushed < 50
+    assert len(consumer.video) <= pushed + 1  # at most the frame being pushed at stop()
+
+
+def test_a_stream_cut_inside_its_header_is_unsupported_media(media):
+    reader = ByteStreamReader(capacity=1 << 20)
+    reader.feed(media["webm-vp8-opus"][:300])
+    reader.end_input()
+    run = DemuxRun(ContainerDemuxer(reader, ContainerFormat.MATROSKA, RecordingConsumer()))
+    run.join()
+    assert isinstance(run.error, UnsupportedMedia)
+
+
+@pytest.mark.parametrize("name", list(MEDIA))
+def test_a_stream_cut_mid_way_yields_the_frames_before_the_cut(media, name):
+    data = media[name]
+    reader = ByteStreamReader(capacity=len(data) + 1)
+    feed_all(reader, data[:len(data) // 2])
+    reader.end_input()
+    consumer = RecordingConsumer()
+    run = DemuxRun(ContainerDemuxer(reader, probe_container(data[:PROBE_HEAD_BYTES]), consumer,
+                                    realtime=False))
+    run.join()
+    assert run.error is None
+    assert 15 <= len(consumer.video) <= 45
+
+
+@pytest.mark.parametrize("name", ["webm-vp8-opus", "ts-h264-aac", "fmp4-h264-aac"])
+def test_garbage_behind_a_valid_head_is_unsupported_media(media, name):
+    data = media[name]
+    garbage = random.Random(3).randbytes(200_000)
+    reader = ByteStreamReader(capacity=1 << 20)
+    reader.feed(data[:PROBE_HEAD_BYTES] + garbage)
+    reader.end_input()
+    consumer = RecordingConsumer()
+    run = DemuxRun(ContainerDemuxer(reader, probe_container(data[:PROBE_HEAD_BYTES]), consumer,
+                                    realtime=False))
+    run.join()
+    assert isinstance(run.error, UnsupportedMedia)
+    assert consumer.video == []
+
+
+def test_an_mp4_with_its_index_at_the_end_cannot_be_streamed():
+    data = encode_test_media("mp4", "libx264", "aac", seconds=1)
+    assert data.find(b"mdat") < data.find(b"moov")  # the ordinary, non-fragmented layout
+    reader = ByteStreamReader(capacity=len(data) + 1)
+    feed_all(reader, data)
+    reader.end_input()
+    run = DemuxRun(ContainerDemuxer(reader, probe_container(data[:64]), RecordingConsumer(),
+                                    realtime=False))
+    run.join()
+    assert isinstance(run.error, UnsupportedMedia)
