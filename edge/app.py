@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 from contextlib import suppress
+from dataclasses import asdict, dataclass
 from typing import AsyncIterator, Callable
 
 from aiohttp import web
@@ -21,9 +23,14 @@ from edge.hls import HlsRoutes, HlsSettings
 from edge.metrics import Metrics
 from edge.node import Node
 from edge.publish import Publishing
+from edge.redis_tier import RedisConfig, RedisTier, connect
+from edge.replica import LocalResumer, ObjectReader, ReplicaDirectory
 from edge.webhooks import Webhooks
+from edge.whip import WhipRoutes
+from edge.web import PageSettings, WebRoutes
 from edge.tokens import Claims, KeyLoadError, Scope, TokenVerifier, bearer_token
 from edge.ws_ingest import WebSocketIngest
+from origin.live import LiveSettings
 
 log = logging.getLogger("livedge.app")
 
@@ -75,6 +82,36 @@ def reload_settings(app: web.Application) -> list[str]:
     return []
 
 
+# -- cache tiers (issue 4) ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CacheTiers:
+    """Redis below the memory LRU: write-through of streams made here, replicas of the others."""
+
+    redis: RedisTier
+    reader: ObjectReader
+    replicas: ReplicaDirectory
+
+
+def build_tiers(settings: Settings, node: Node, cache: MemoryCache) -> CacheTiers | None:
+    """The Redis tier when ``REDIS_URL`` or ``REDIS_SENTINELS`` is set, else ``None``."""
+    if not (settings.redis_url or settings.redis_sentinels):
+        return None
+    sentinels = tuple((host, int(port)) for host, _, port in
+                      (address.rpartition(":") for address in settings.redis_sentinels))
+    config = RedisConfig(settings.redis_url, sentinels, settings.redis_sentinel_service,
+                         settings.redis_cluster)
+    live = LiveSettings(settings.segment_duration, settings.part_duration, settings.window_segments)
+    tier = RedisTier(connect(config), live, f"{socket.gethostname()}:{settings.port}",
+                     dvr_seconds=settings.redis_dvr_seconds)
+    reader = ObjectReader(cache, tier)
+    replicas = ReplicaDirectory(node, tier, reader, cache, live, tier.part_target)
+    node.stream_listeners.append(tier.on_window_event)
+    tier.resumer = LocalResumer(node.live_stream, reader, tier.timings.ttl_for)
+    node.readiness_details["redis"] = lambda: {**asdict(tier.stats()),
+                                               "replicas": replicas.stats().replicas}
+    return CacheTiers(tier, reader, replicas)
+
+
 def build_app(settings: Settings, verifier: TokenVerifier | None = None,
               loader: Callable[[], Settings] | None = None) -> web.Application:
     cache = MemoryCache(max_bytes=settings.cache_memory)
@@ -83,8 +120,10 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     publishing = Publishing(node, webhooks)
     node.publishing = publishing
     verifier = verifier or build_verifier(settings)
+    tiers = build_tiers(settings, node, cache)
+    streams = tiers.replicas if tiers else node  # streams made here first, then replicas
 
-    hls = HlsRoutes(node, HlsSettings(playback_auth=settings.playback_auth == "token",
+    hls = HlsRoutes(streams, HlsSettings(playback_auth=settings.playback_auth == "token",
                                       object_max_age=int(max(60, 3 * settings.window_segments
                                                              * settings.segment_duration))),
                     verifier=lambda: app[VERIFIER], on_playlist=node.viewer_tracker.saw)
@@ -93,6 +132,14 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
         stream_stats = staticmethod(node.stream_stats)
         transcode_stats = staticmethod(node.transcode_stats)
         cache_stats = staticmethod(cache.stats)
+
+        @staticmethod
+        def redis_stats():
+            return tiers.redis.stats() if tiers else None
+
+        @staticmethod
+        def replica_stats():
+            return tiers.replicas.stats() if tiers else None
 
         @staticmethod
         def hls_counters():
@@ -140,9 +187,13 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     app[METRICS] = metrics
     hls.add_to(app)
     ApiRoutes(node, metrics, authorize).add_to(app)
+    WebRoutes(node, PageSettings(settings.playback_auth == "token", settings.ws_port)).add_to(app)
+    WhipRoutes.from_settings(settings, publishing, authorize).add_to(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         lag_probe = asyncio.create_task(metrics.probe_loop_lag(), name="loop-lag")
+        if tiers:
+            await tiers.redis.start()  # before any stream: a restarted node resumes from it
         for name, url in settings.pull_streams:
             await node.add_pull(name, url)
         if settings.demo:
@@ -155,8 +206,13 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
         lag_probe.cancel()
         with suppress(asyncio.CancelledError):
             await lag_probe
+        if tiers:
+            tiers.redis.shutting_down()  # streams stopped by a shutdown stay resumable in Redis
         await publishing.close()
         await node.close()
+        if tiers:
+            await tiers.replicas.close()
+            await tiers.redis.close()
         await webhooks.close()
 
     app.cleanup_ctx.append(lifecycle)

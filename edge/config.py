@@ -48,6 +48,11 @@ class Settings:
     port: int = 3000
     ws_port: int = 3001
     redis_url: str | None = None
+    # Redis deployments (issue 4, edge/redis_tier.py): Sentinel or Cluster instead of one URL.
+    redis_sentinels: tuple[str, ...] = ()  # host:port of each Sentinel
+    redis_sentinel_service: str = "mymaster"
+    redis_cluster: bool = False
+    redis_dvr_seconds: float = 30.0  # segments stay in Redis this long past the window
     jwt_secret: str | None = None
     jwt_public_key_file: str | None = None
     jwks_file: str | None = None
@@ -235,6 +240,13 @@ def _host_problem(host: str) -> str | None:
     return None if host and not re.search(r"[\s/]", host) else f"{host!r} is not a host name or address"
 
 
+def _host_port_problem(address: str) -> str | None:
+    host, _, port = address.rpartition(":")
+    if host and not _host_problem(host) and port.isdigit() and 0 < int(port) < 65536:
+        return None
+    return f"{address!r} is not host:port"
+
+
 def _ice_server_problem(url: str) -> str | None:
     if re.match(r"(stun|turns?):\S+\Z", url):
         return None
@@ -396,6 +408,10 @@ _FIELDS: dict[str, _Field] = {
     "port": _Field("PORT", _integer(0, 65535)),
     "ws_port": _Field("WS_PORT", _integer(0, 65535)),
     "redis_url": _Field("REDIS_URL", _optional_text),
+    "redis_sentinels": _Field("REDIS_SENTINELS", _string_list(_host_port_problem)),
+    "redis_sentinel_service": _Field("REDIS_SENTINEL_SERVICE", _text),
+    "redis_cluster": _Field("REDIS_CLUSTER", _boolean),
+    "redis_dvr_seconds": _Field("REDIS_DVR_SECONDS", _number(0, 86_400)),
     "jwt_secret": _Field("JWT_SECRET", _jwt_secret),
     "jwt_public_key_file": _Field("JWT_PUBLIC_KEY", _optional_text),
     "jwks_file": _Field("JWKS_FILE", _optional_text),
@@ -507,6 +523,12 @@ def _cross_field_problems(values: dict[str, Any], labels: dict[str, str], failed
                 f"{label}: part duration {_fmt(part)} s is above half the segment duration "
                 f"({_fmt(segment)} s / 2 = {_fmt(segment / 2)} s)"
             )
+    if values["redis_cluster"] and not values["redis_url"] and "redis_url" not in failed:
+        problems.append(f"{labels.get('redis_cluster', 'redis_cluster')}: a Redis Cluster needs "
+                        "REDIS_URL naming one of its nodes")
+    if values["redis_cluster"] and values["redis_sentinels"]:
+        problems.append(f"{labels.get('redis_cluster', 'redis_cluster')}: choose Sentinel or "
+                        "Cluster, not both")
     if not {"ladder", "passthrough_source"} & failed:
         label = labels.get("ladder") or labels.get("passthrough_source") or "ladder"
         names = {rung.name for rung in values["ladder"]}

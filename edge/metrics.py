@@ -16,6 +16,8 @@ from prometheus_client.registry import Collector
 
 from edge.cache import CacheStats
 from edge.hls import HlsCounters
+from edge.redis_tier import RedisTierStats
+from edge.replica import ReplicaStats
 from origin.live import StreamStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -29,6 +31,11 @@ class NodeSnapshots(Protocol):
     def cache_stats(self) -> CacheStats: ...
 
     def hls_counters(self) -> HlsCounters: ...
+
+    # The Redis tier and replicas (issue 4); None when the node runs without Redis.
+    def redis_stats(self) -> RedisTierStats | None: ...
+
+    def replica_stats(self) -> ReplicaStats | None: ...
 
 
 class NodeCollector(Collector):
@@ -80,6 +87,8 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("livedge_cache_misses", "Memory tier misses", value=cache.misses)
         yield CounterMetricFamily("livedge_cache_evictions", "Memory tier evictions",
                                   value=cache.evictions)
+        yield from _tier_metrics(cache, getattr(self._node, "redis_stats", lambda: None)(),
+                                 getattr(self._node, "replica_stats", lambda: None)())
         hls = self._node.hls_counters()
         yield GaugeMetricFamily("livedge_blocked_requests", "Requests held for a part right now",
                                 value=hls.blocked_requests)
@@ -88,6 +97,63 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("livedge_blocked_request_timeouts",
                                   "Held requests answered 503 after the spec's timeout",
                                   value=hls.block_timeouts)
+
+
+def _tier_metrics(memory: CacheStats, redis: RedisTierStats | None,
+                  replicas: ReplicaStats | None) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+    """Cache tiers (issue 4): hits and misses per tier, Redis traffic, latency, outages, queue."""
+    hits = CounterMetricFamily("livedge_tier_hits", "Object lookups answered by a cache tier",
+                               labels=["tier"])
+    misses = CounterMetricFamily("livedge_tier_misses", "Object lookups a cache tier could not "
+                                 "answer", labels=["tier"])
+    hits.add_metric(["memory"], memory.hits)
+    misses.add_metric(["memory"], memory.misses)
+    if redis is not None:
+        hits.add_metric(["redis"], redis.hits)
+        misses.add_metric(["redis"], redis.misses)
+    yield hits
+    yield misses
+    evictions = CounterMetricFamily("livedge_tier_evictions", "Objects evicted from a tier for "
+                                    "room", labels=["tier"])
+    evictions.add_metric(["memory"], memory.evictions)
+    yield evictions
+    if redis is None:
+        return
+    yield GaugeMetricFamily("livedge_redis_up", "1 while Redis answers, 0 during an outage",
+                            value=1 if redis.available else 0)
+    yield CounterMetricFamily("livedge_redis_read_bytes", "Object bytes read from Redis",
+                              value=redis.read_bytes)
+    yield CounterMetricFamily("livedge_redis_written_bytes", "Object bytes written to Redis",
+                              value=redis.written_bytes)
+    yield CounterMetricFamily("livedge_redis_writes", "Commands written to Redis",
+                              value=redis.writes)
+    yield CounterMetricFamily("livedge_redis_errors", "Redis operations that failed",
+                              value=redis.errors)
+    yield CounterMetricFamily("livedge_redis_outages", "Times Redis became unreachable",
+                              value=redis.outages)
+    latency = GaugeMetricFamily("livedge_redis_latency_seconds",
+                                "Redis round trip over recent operations", labels=["quantile"])
+    latency.add_metric(["0.5"], redis.latency_p50)
+    latency.add_metric(["0.99"], redis.latency_p99)
+    yield latency
+    yield GaugeMetricFamily("livedge_redis_queue_items", "Writes queued for Redis",
+                            value=redis.queued)
+    yield GaugeMetricFamily("livedge_redis_queue_bytes", "Media bytes queued for Redis",
+                            value=redis.queued_bytes)
+    yield CounterMetricFamily("livedge_redis_queue_dropped", "Queued writes dropped: queue full",
+                              value=redis.dropped)
+    if replicas is not None:
+        yield GaugeMetricFamily("livedge_replicas", "Streams followed from Redis",
+                                value=replicas.replicas)
+        yield CounterMetricFamily("livedge_tier_coalesced_requests",
+                                  "Object requests that shared another request's Redis read",
+                                  value=replicas.reader.coalesced)
+        yield CounterMetricFamily("livedge_tier_negative_hits",
+                                  "Object requests answered from the short negative cache",
+                                  value=replicas.reader.negative_hits)
+        yield CounterMetricFamily("livedge_tier_unavailable",
+                                  "Object requests answered 503: only Redis had them, and it was "
+                                  "down", value=replicas.reader.unavailable)
 
 
 class Metrics:

@@ -48,6 +48,8 @@ class Node:
         self._entries: dict[str, _Entry] = {}
         self.publishing: Publishing | None = None  # set by the app: push ingest sessions
         self.draining = False  # SIGTERM: refuse publishes, report not ready
+        # Extra /readyz details by name (the Redis tier's snapshot); they never make the node unready.
+        self.readiness_details: dict[str, Callable[[], object]] = {}
         # Told every window event of every stream produced here (the Redis tier, peers).
         self.stream_listeners: list[Callable[[str, WindowEvent], None]] = []
         self._live_settings = LiveSettings(settings.segment_duration, settings.part_duration,
@@ -74,7 +76,8 @@ class Node:
         return self.viewer_tracker.count(stream)
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
-        return not self.draining, {"streams": len(self._entries), "draining": self.draining}
+        extra = {name: detail() for name, detail in self.readiness_details.items()}
+        return not self.draining, {"streams": len(self._entries), "draining": self.draining, **extra}
 
     # -- producing -----------------------------------------------------------------------------------
     def create_stream(self, name: str) -> LiveStream:
