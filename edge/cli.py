@@ -75,11 +75,30 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    """Ask the node to pull SOURCE as stream NAME (the node must be able to open SOURCE)."""
+    """Push SOURCE into a node over WHIP (or, with --pull, ask the node to pull it)."""
     token = args.token or os.environ.get("LIVEDGE_TOKEN")
-    body = json.dumps({"name": args.stream, "url": args.source}).encode()
-    request = urllib.request.Request(f"{args.url.rstrip('/')}/api/streams", data=body,
-                                     method="POST", headers={"Content-Type": "application/json"})
+    base = args.url.rstrip("/")
+    if args.pull:
+        return _ask_node_to_pull(base, args.source, args.stream, token)
+    from ingest.whip_client import WhipClientError, publish
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        asyncio.run(publish(args.source, f"{base}/whip/{args.stream}", token,
+                            video_codec=args.video_codec, source_format=args.format,
+                            loop_input=args.loop, ice_hosts=args.ice_host))
+    except WhipClientError as error:
+        print(f"livedge publish: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _ask_node_to_pull(base: str, source: str, stream: str, token: str | None) -> int:
+    body = json.dumps({"name": stream, "url": source}).encode()
+    request = urllib.request.Request(f"{base}/api/streams", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -112,11 +131,18 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--algorithm", default="RS256", choices=["RS256", "ES256", "EdDSA"])
     token.set_defaults(run=_token)
 
-    publish = commands.add_parser("publish", help="push a source into a node as a stream")
+    publish = commands.add_parser("publish", help="push a source into a node over WHIP")
     publish.add_argument("source", help="any FFmpeg-readable URL or file")
     publish.add_argument("--stream", required=True)
     publish.add_argument("--url", default="http://127.0.0.1:3000", help="the node")
-    publish.add_argument("--token", help="admin token (default $LIVEDGE_TOKEN)")
+    publish.add_argument("--token", help="publish token (default $LIVEDGE_TOKEN); admin with --pull")
+    publish.add_argument("--video-codec", default="H264", choices=["H264", "VP8"])
+    publish.add_argument("--format", help="FFmpeg input format (e.g. lavfi, v4l2)")
+    publish.add_argument("--loop", action="store_true", help="loop a file source")
+    publish.add_argument("--ice-host", action="append", default=[],
+                         help="offer only this local address as an ICE candidate (repeatable)")
+    publish.add_argument("--pull", action="store_true",
+                         help="instead, ask the node to pull SOURCE itself (admin token)")
     publish.set_defaults(run=_publish)
     return root
 
