@@ -57,7 +57,7 @@ def full_node(tmp_path_factory):
         yield running
 
 
-def publish_token(stream: str | None, scope: Scope = Scope.PUBLISH, ttl: float = 60) -> str:
+def publish_token(stream: str | None, scope: Scope = Scope.PUBLISH, ttl: float = 86400) -> str:
     return issue_token(TEST_SECRET, "HS256", scope, stream, ttl, "tester")
 
 

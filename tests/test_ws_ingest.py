@@ -45,7 +45,7 @@ def node(tmp_path_factory):
         yield running
 
 
-def publish_token(stream: str | None, scope: Scope = Scope.PUBLISH, ttl: float = 60) -> str:
+def publish_token(stream: str | None, scope: Scope = Scope.PUBLISH, ttl: float = 86400) -> str:
     return issue_token(TEST_SECRET, "HS256", scope, stream, ttl, "tester")
 
 
@@ -256,7 +256,7 @@ async def test_no_token_is_401(node):
 
 @pytest.mark.parametrize("token", [
     "not-a-jwt",
-    issue_token("another-secret-" + "y" * 32, "HS256", Scope.PUBLISH, "ws-auth", 60, "x"),
+    issue_token("another-secret-" + "y" * 32, "HS256", Scope.PUBLISH, "ws-auth", 86400, "x"),
     issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, "ws-auth", -60, "x"),  # expired
 ])
 async def test_an_unusable_token_is_401(node, token):
