@@ -25,6 +25,11 @@ from edge.node import Node
 from edge.publish import Publishing
 from edge.redis_tier import RedisConfig, RedisTier, connect
 from edge.replica import LocalResumer, ObjectReader, ReplicaDirectory
+from edge.eventlog import LocalEventLog
+from edge.fleet import Fleet, FleetSettings, fleet_secret
+from edge.membership import GossipSettings, decode_key
+from edge.peer_fill import FleetSource, timings_for
+from origin.packager import PackagerSettings
 from edge.webhooks import Webhooks
 from edge.whip import WhipRoutes
 from edge.web import PageSettings, WebRoutes
@@ -82,34 +87,76 @@ def reload_settings(app: web.Application) -> list[str]:
     return []
 
 
-# -- cache tiers (issue 4) ------------------------------------------------------------------------------
+# -- cache tiers (issue 4) and the fleet (issue 5) ---------------------------------------------------
 @dataclass(frozen=True)
 class CacheTiers:
-    """Redis below the memory LRU: write-through of streams made here, replicas of the others."""
+    """Below the memory LRU: Redis (write-through of streams made here) and/or the fleet (peer
+    fill); replicas of streams made elsewhere read through them."""
 
-    redis: RedisTier
+    redis: RedisTier | None
+    fleet: Fleet | None
     reader: ObjectReader
     replicas: ReplicaDirectory
 
 
-def build_tiers(settings: Settings, node: Node, cache: MemoryCache) -> CacheTiers | None:
-    """The Redis tier when ``REDIS_URL`` or ``REDIS_SENTINELS`` is set, else ``None``."""
-    if not (settings.redis_url or settings.redis_sentinels):
+def build_fleet(settings: Settings, node: Node, streams: Callable[[str], object],
+                event_log: LocalEventLog) -> Fleet | None:
+    """Gossip membership and peer fill when ``SEEDS`` or ``GOSSIP_KEYS`` is set."""
+    if not (settings.seeds or settings.gossip_keys):
         return None
-    sentinels = tuple((host, int(port)) for host, _, port in
-                      (address.rpartition(":") for address in settings.redis_sentinels))
-    config = RedisConfig(settings.redis_url, sentinels, settings.redis_sentinel_service,
-                         settings.redis_cluster)
+    name = settings.node_name or socket.gethostname()
+    keys = tuple(decode_key(key) for key in settings.gossip_keys)
+    host, _, port = settings.gossip_bind.rpartition(":")
+    loopback = host.startswith("127.") or host == "localhost"
+    gossip = GossipSettings(name=name, bind=settings.gossip_bind,
+                            advertise=settings.gossip_advertise, seeds=settings.seeds, keys=keys,
+                            loopback=loopback)
+    http_url = settings.advertise_url or f"http://{name}:{settings.port}"
+
+    def digest() -> dict[str, int]:
+        return {stats.name: max((r.last_msn for r in stats.renditions if r.last_msn is not None),
+                                default=0)
+                for stats in node.stream_stats() if not stats.ended}
+
+    def load() -> float:
+        active = node.publishing.active_count() if node.publishing else 0
+        return active / max(1, settings.max_publishers)
+
+    fleet_settings = FleetSettings(gossip, http_url, settings.zone, settings.origin_url,
+                                   fleet_secret(keys, settings.fleet_secret))
+    return Fleet(fleet_settings, streams, event_log, digest, lambda: node.draining, load)
+
+
+def build_tiers(settings: Settings, node: Node, cache: MemoryCache,
+                fleet_for: Callable[[Callable[[str], object]], Fleet | None]) -> CacheTiers | None:
+    """The tiers below memory: Redis when ``REDIS_URL`` or ``REDIS_SENTINELS`` is set, the fleet
+    when gossip is configured; ``None`` for a single node with neither."""
     live = LiveSettings(settings.segment_duration, settings.part_duration, settings.window_segments)
-    tier = RedisTier(connect(config), live, f"{socket.gethostname()}:{settings.port}",
-                     dvr_seconds=settings.redis_dvr_seconds)
-    reader = ObjectReader(cache, tier)
-    replicas = ReplicaDirectory(node, tier, reader, cache, live, tier.part_target)
-    node.stream_listeners.append(tier.on_window_event)
-    tier.resumer = LocalResumer(node.live_stream, reader, tier.timings.ttl_for)
-    node.readiness_details["redis"] = lambda: {**asdict(tier.stats()),
-                                               "replicas": replicas.stats().replicas}
-    return CacheTiers(tier, reader, replicas)
+    tier: RedisTier | None = None
+    if settings.redis_url or settings.redis_sentinels:
+        sentinels = tuple((host, int(port)) for host, _, port in
+                          (address.rpartition(":") for address in settings.redis_sentinels))
+        config = RedisConfig(settings.redis_url, sentinels, settings.redis_sentinel_service,
+                             settings.redis_cluster)
+        tier = RedisTier(connect(config), live, f"{socket.gethostname()}:{settings.port}",
+                         dvr_seconds=settings.redis_dvr_seconds)
+    replicas: ReplicaDirectory | None = None
+    fleet = fleet_for(lambda name: replicas.live_stream(name) if replicas else None)
+    if tier is None and fleet is None:
+        return None
+    part_target = PackagerSettings(settings.segment_duration, settings.part_duration).part_target
+    source = FleetSource(fleet, tier.timings if tier else timings_for(live), tier) if fleet \
+        else tier
+    reader = ObjectReader(cache, source)
+    replicas = ReplicaDirectory(node, source, reader, cache, live, part_target)
+    if tier is not None:
+        node.stream_listeners.append(tier.on_window_event)
+        tier.resumer = LocalResumer(node.live_stream, reader, tier.timings.ttl_for)
+        node.readiness_details["redis"] = lambda: {**asdict(tier.stats()),
+                                                   "replicas": replicas.stats().replicas}
+    if fleet is not None:
+        node.readiness_details["fleet"] = fleet.membership.stats
+    return CacheTiers(tier, fleet, reader, replicas)
 
 
 def build_app(settings: Settings, verifier: TokenVerifier | None = None,
@@ -120,8 +167,14 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     publishing = Publishing(node, webhooks)
     node.publishing = publishing
     verifier = verifier or build_verifier(settings)
-    tiers = build_tiers(settings, node, cache)
+    event_log = LocalEventLog(node.live_stream)
+    node.stream_listeners.append(event_log.on_window_event)
+    tiers = build_tiers(settings, node, cache,
+                        lambda lookup: build_fleet(settings, node, lookup, event_log))
     streams = tiers.replicas if tiers else node  # streams made here first, then replicas
+    if tiers and tiers.fleet:
+        fleet = tiers.fleet
+        publishing.elsewhere = lambda stream: fleet.ingester_url(stream)
 
     hls = HlsRoutes(streams, HlsSettings(playback_auth=settings.playback_auth == "token",
                                       object_max_age=int(max(60, 3 * settings.window_segments
@@ -135,7 +188,7 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
 
         @staticmethod
         def redis_stats():
-            return tiers.redis.stats() if tiers else None
+            return tiers.redis.stats() if tiers and tiers.redis else None
 
         @staticmethod
         def replica_stats():
@@ -189,11 +242,15 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     ApiRoutes(node, metrics, authorize).add_to(app)
     WebRoutes(node, PageSettings(settings.playback_auth == "token", settings.ws_port)).add_to(app)
     WhipRoutes.from_settings(settings, publishing, authorize).add_to(app)
+    if tiers and tiers.fleet:
+        tiers.fleet.add_to(app, lambda request: authorize(request, Scope.ADMIN, None))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         lag_probe = asyncio.create_task(metrics.probe_loop_lag(), name="loop-lag")
-        if tiers:
+        if tiers and tiers.redis:
             await tiers.redis.start()  # before any stream: a restarted node resumes from it
+        if tiers and tiers.fleet:
+            await tiers.fleet.start()
         for name, url in settings.pull_streams:
             await node.add_pull(name, url)
         if settings.demo:
@@ -206,12 +263,15 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
         lag_probe.cancel()
         with suppress(asyncio.CancelledError):
             await lag_probe
-        if tiers:
+        if tiers and tiers.fleet:
+            await tiers.fleet.leave()  # peers route around us at once
+        if tiers and tiers.redis:
             tiers.redis.shutting_down()  # streams stopped by a shutdown stay resumable in Redis
         await publishing.close()
         await node.close()
         if tiers:
             await tiers.replicas.close()
+        if tiers and tiers.redis:
             await tiers.redis.close()
         await webhooks.close()
 

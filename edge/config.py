@@ -10,6 +10,7 @@ integers), bitrates in bits per second (``2800k``, ``2.8M``, plain integers).
 
 from __future__ import annotations
 
+import base64
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -81,6 +82,16 @@ class Settings:
     on_publish_url: str | None = None  # webhook: POSTed before a publish starts; non-2xx rejects it
     on_unpublish_url: str | None = None  # webhook: POSTed when a publish ends
     drain_seconds: float = 10.0  # on SIGTERM, how long publishers may take to finish
+    # Fleet (edge/fleet.py): gossip membership and peer fill; off unless SEEDS or GOSSIP_KEYS is set.
+    node_name: str | None = None  # unique in the fleet; default: host name
+    seeds: tuple[str, ...] = ()  # host:port of other members, or a DNS name resolving to many
+    gossip_bind: str = "0.0.0.0:7946"
+    gossip_advertise: str | None = None  # host:port peers reach our gossip at, if not gossip_bind
+    gossip_keys: tuple[str, ...] = ()  # base64 32-byte keys; the first encrypts (rotation)
+    fleet_secret: str | None = None  # edge-to-edge credential; default: derived from the gossip key
+    advertise_url: str | None = None  # how peers reach our HTTP; default http://NODE_NAME:PORT
+    zone: str = ""
+    origin_url: str | None = None  # the origin role's HTTP address, the last hop of a miss
 
 
 class ConfigError(ValueError):
@@ -240,11 +251,28 @@ def _host_problem(host: str) -> str | None:
     return None if host and not re.search(r"[\s/]", host) else f"{host!r} is not a host name or address"
 
 
+def _redis_url(raw: object) -> str | None:
+    url = _optional_text(raw)
+    if url is not None and not re.match(r"(rediss?://\S*|unix://\S+)\Z", url):
+        # Not echoed: the URL may carry a password.
+        raise _Invalid("is not a redis://, rediss:// or unix:// URL")
+    return url
+
+
 def _host_port_problem(address: str) -> str | None:
     host, _, port = address.rpartition(":")
     if host and not _host_problem(host) and port.isdigit() and 0 < int(port) < 65536:
         return None
     return f"{address!r} is not host:port"
+
+
+def _gossip_key_problem(text: str) -> str | None:
+    try:
+        if len(base64.b64decode(text, validate=True)) == 32:
+            return None
+    except ValueError:
+        pass
+    return "a gossip key is 32 random bytes in base64 (the value is not shown)"
 
 
 def _ice_server_problem(url: str) -> str | None:
@@ -407,7 +435,7 @@ _FIELDS: dict[str, _Field] = {
     "host": _Field("HOST", _text),
     "port": _Field("PORT", _integer(0, 65535)),
     "ws_port": _Field("WS_PORT", _integer(0, 65535)),
-    "redis_url": _Field("REDIS_URL", _optional_text),
+    "redis_url": _Field("REDIS_URL", _redis_url),
     "redis_sentinels": _Field("REDIS_SENTINELS", _string_list(_host_port_problem)),
     "redis_sentinel_service": _Field("REDIS_SENTINEL_SERVICE", _text),
     "redis_cluster": _Field("REDIS_CLUSTER", _boolean),
@@ -442,6 +470,15 @@ _FIELDS: dict[str, _Field] = {
     "on_publish_url": _Field("ON_PUBLISH_URL", _optional_text),
     "on_unpublish_url": _Field("ON_UNPUBLISH_URL", _optional_text),
     "drain_seconds": _Field("DRAIN_SECONDS", _number(0, 3600)),
+    "node_name": _Field("NODE_NAME", _optional_text),
+    "seeds": _Field("SEEDS", _string_list(_host_port_problem)),
+    "gossip_bind": _Field("GOSSIP_BIND", _text),
+    "gossip_advertise": _Field("GOSSIP_ADVERTISE", _optional_text),
+    "gossip_keys": _Field("GOSSIP_KEYS", _string_list(_gossip_key_problem)),
+    "fleet_secret": _Field("FLEET_SECRET", _optional_text),
+    "advertise_url": _Field("ADVERTISE_URL", _optional_text),
+    "zone": _Field("ZONE", _text),
+    "origin_url": _Field("ORIGIN_URL", _optional_text),
 }
 assert set(_FIELDS) == {field.name for field in fields(Settings)}
 

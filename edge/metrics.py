@@ -99,8 +99,8 @@ class NodeCollector(Collector):
                                   value=hls.block_timeouts)
 
 
-def _tier_metrics(memory: CacheStats, redis: RedisTierStats | None,
-                  replicas: ReplicaStats | None) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+def _tier_metrics(memory: CacheStats, redis: RedisTierStats | None, replicas: ReplicaStats | None
+                  ) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
     """Cache tiers (issue 4): hits and misses per tier, Redis traffic, latency, outages, queue."""
     hits = CounterMetricFamily("livedge_tier_hits", "Object lookups answered by a cache tier",
                                labels=["tier"])

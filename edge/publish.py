@@ -78,6 +78,8 @@ class Publishing:
         self._grace: dict[str, asyncio.Task] = {}
         self._per_address: Counter[str] = Counter()
         self._per_subject: Counter[str] = Counter()
+        # The fleet: which other edge ingests a stream (None: none, or no fleet).
+        self.elsewhere: Callable[[str], str | None] = lambda stream: None
 
     def active(self, stream: str) -> Publication | None:
         return self._active.get(stream)
@@ -105,8 +107,11 @@ class Publishing:
     async def _begin(self, stream: str, claims: Claims, address: str, subject: str,
                      kind: str) -> Publication:
         current = self._active.get(stream)
-        if current is not None and claims.raw.get("takeover") is not True:
+        takeover = claims.raw.get("takeover") is True
+        if current is not None and not takeover:
             raise Conflict(f"stream {stream} is already being published")
+        if current is None and not takeover and self.elsewhere(stream):
+            raise Conflict(f"stream {stream} is already being published on another edge")
         if current is None and self._node.live_stream(stream) is not None \
                 and stream not in self._grace and not self._ended(stream):
             raise Conflict(f"stream {stream} is already live here (pulled)")

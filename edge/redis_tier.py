@@ -85,7 +85,7 @@ class StreamResumer(Protocol):
     def release(self, name: str) -> None: ...
 
 
-# -- deployment -------------------------------------------------------------------------------------
+# -- deployment ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RedisConfig:
     """How to reach Redis. ``url``: ``redis://``, ``rediss://`` (TLS) or ``unix://``; with
@@ -128,7 +128,7 @@ def connect(config: RedisConfig) -> Any:
     return aioredis.from_url(config.url, **options)
 
 
-# -- what is kept, and how long ---------------------------------------------------------------------
+# -- what is kept, and how long --------------------------------------------------------------------
 @dataclass(frozen=True)
 class TierTimings:
     """TTLs (seconds) of what the tier writes, from the window settings. Parts are listed only
@@ -155,7 +155,7 @@ class TierTimings:
                    window_segments=settings.window_segments)
 
     def ttl_for(self, name: str) -> float:
-        """The TTL of an object by its name within a rendition (``init.mp4``, ``part…``, ``seg…``)."""
+        """The TTL of an object by its name in a rendition (``init.mp4``, ``part…``, ``seg…``)."""
         if name.startswith("part"):
             return self.part_ttl
         if name.startswith("seg"):
@@ -168,7 +168,7 @@ class TierTimings:
                    * (self.parts_per_segment + 3))
 
 
-# -- snapshots ----------------------------------------------------------------------------------------
+# -- snapshots -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RedisTierStats:
     """For metrics and ``/readyz``. Latencies are seconds over the last few hundred round trips;
@@ -218,7 +218,9 @@ class _Produced:
     started_at: float
     tracks: dict[str, TrackDeclared] = field(default_factory=dict)  # newest, with init bytes
     decided: bool = False  # resume-or-fresh decided (see ``RedisTier._decide``)
+    held: bool = False  # the resumer holds its media until the decision
     fresh: bool = True  # the first write replaces whatever log the name had
+    shadowed: bool = False  # another node writes this name's log: this one stays out of Redis
     announced: bool = False
     ended: bool = False
 
@@ -280,7 +282,7 @@ class RedisTier:
         self._read_bytes = 0
         self._drop_logged = False
 
-    # -- lifecycle -------------------------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Start the writer and the heartbeat. A Redis that is down now is not an error: the tier
         starts unavailable and the probe keeps trying."""
@@ -294,7 +296,7 @@ class RedisTier:
     def shutting_down(self) -> None:
         """The node is stopping: from now on, streams ending here are interrupted, not ended: no
         ``StreamEnded`` is written, so the log stays live (until it expires) for a restarted node
-        or a returning publisher to resume, and other nodes do not tell players the stream is over."""
+        or a returning publisher to resume, and other nodes do not tell players it is over."""
         self._shutting_down = True
 
     async def wait_drained(self) -> None:
@@ -302,13 +304,24 @@ class RedisTier:
         await self._idle.wait()
 
     async def close(self, flush_timeout: float = 2.0) -> None:
-        """Write what is queued (for at most ``flush_timeout`` seconds, if Redis is up), then stop."""
+        """Write what is queued (at most ``flush_timeout`` seconds, if Redis is up), then stop."""
         if not self._idle.is_set() and self._available and self._tasks:
             try:
                 await asyncio.wait_for(self._idle.wait(), flush_timeout)
             except TimeoutError:
                 log.warning("redis writes still queued at shutdown",
                             extra={"queued": len(self._queue)})
+        if self._shutting_down and self._available:
+            interrupted = [stream for stream in self._produced.values()
+                           if stream.announced and not stream.ended and not stream.shadowed]
+            if interrupted:
+                pipe = self._client.pipeline(transaction=False)
+                for stream in interrupted:
+                    pipe.hset(DIRECTORY_KEY, stream.name, self._directory_entry(stream, True))
+                try:
+                    await asyncio.wait_for(pipe.execute(), flush_timeout)
+                except (*OUTAGE_ERRORS, redis.exceptions.RedisError):
+                    pass
         tasks = [*self._tasks, *([self._probe] if self._probe else [])]
         for task in tasks:
             task.cancel()
@@ -316,7 +329,7 @@ class RedisTier:
         self._tasks = []
         await self._client.aclose()
 
-    # -- availability ----------------------------------------------------------------------------------
+    # -- availability ------------------------------------------------------------------------------
     @property
     def available(self) -> bool:
         return self._available
@@ -336,6 +349,11 @@ class RedisTier:
                         extra={"error": self._last_error})
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(self._probe_until_up(), name="redis-probe")
+        # Streams waiting to learn whether they resume a log start anew now, not after the outage.
+        for stream in self._produced.values():
+            if stream.held and self.resumer is not None:
+                stream.held = False
+                self.resumer.release(stream.name)
 
     async def _probe_until_up(self) -> None:
         delay = 0.2
@@ -359,7 +377,7 @@ class RedisTier:
         self._latencies.append(time.perf_counter() - started)
         return result
 
-    # -- Cache protocol ------------------------------------------------------------------------------
+    # -- Cache protocol ----------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
         """The object under ``key`` (an ``object_key``), or ``None`` if Redis does not hold it.
         Raises ``Unavailable`` (503) while Redis cannot be reached: failing fast, not waiting."""
@@ -390,7 +408,7 @@ class RedisTier:
         except OUTAGE_ERRORS as error:
             self._failed(error)
 
-    # -- reading streams -------------------------------------------------------------------------------
+    # -- reading streams ---------------------------------------------------------------------------
     async def read_history(self, name: str) -> StreamHistory | None:
         """Stream ``name`` as Redis holds it, or ``None`` if Redis holds nothing of it. Raises
         ``Unavailable`` while Redis cannot be reached."""
@@ -489,7 +507,7 @@ class RedisTier:
                 live[name.decode() if isinstance(name, bytes) else name] = entry
         return live
 
-    # -- writing through -------------------------------------------------------------------------------
+    # -- writing through ---------------------------------------------------------------------------
     def on_window_event(self, name: str, event: WindowEvent) -> None:
         """Node stream listener: queue ``event`` of stream ``name`` for the writer. Never blocks,
         never raises: when the queue is full the oldest entries are dropped and counted."""
@@ -497,9 +515,8 @@ class RedisTier:
         if stream is None or stream.ended:
             stream = self._produced[name] = _Produced(name, self._clock())
             if self.resumer is not None and self._available:
+                stream.held = True
                 self.resumer.hold(name)  # until ``_decide``, a moment later
-            else:
-                stream.decided = True  # nothing to ask: a new log
         if isinstance(event, TrackDeclared):
             stream.tracks[event.track.name] = event
             size = len(event.init_segment)
@@ -544,6 +561,7 @@ class RedisTier:
                     await self._resync()
                 for stream in {item.stream for item in batch if not item.stream.decided}:
                     await self._decide(stream)
+                batch = [item for item in batch if not item.stream.shadowed]
                 await self._write(batch)
             except Unavailable:  # a read on the way (``_decide``) found Redis down
                 self._put_back(batch)
@@ -579,27 +597,35 @@ class RedisTier:
 
     async def _decide(self, stream: _Produced) -> None:
         """Before the first write of a stream: resume the log its name has in Redis (a restart),
-        or replace it. Redis failing to answer in time means a new log, at once: the stream's
-        media is held meanwhile."""
+        or replace it; or stay out of Redis if another node is writing that log right now (two
+        producers of one name; the first keeps the shared log). Redis failing to answer in time
+        means a new log, at once: the stream's media is held meanwhile."""
         resumed = False
-        resumer = self.resumer
         try:
-            history = None
-            if resumer is not None and self._available:
+            entry = await asyncio.wait_for(self._timed(
+                self._client.hget(DIRECTORY_KEY, stream.name)), self._decide_timeout)
+            owner = _json_or_none(entry)
+            if self._owned_elsewhere(owner):
+                stream.shadowed = True
+                log.warning("stream is live on another node: not writing it to redis",
+                            extra={"stream": stream.name, "node": owner.get("node")})
+            elif stream.held and self.resumer is not None:
                 history = await asyncio.wait_for(self.read_history(stream.name),
                                                  self._decide_timeout)
-            if resumer is not None and history is not None and not history.ended:
-                resumed = resumer.resume(stream.name, list(history.events))
-        except (Unavailable, *OUTAGE_ERRORS) as error:
-            if not isinstance(error, Unavailable):
-                self._failed(error)
+                if history is not None and not history.ended:
+                    resumed = self.resumer.resume(stream.name, list(history.events))
+        except Unavailable:
+            pass
+        except OUTAGE_ERRORS as error:
+            self._failed(error)
         except Exception:
             log.exception("resuming a stream failed", extra={"stream": stream.name})
         finally:
             stream.fresh = not resumed
             stream.decided = True
-            if resumer is not None and not resumed:
-                resumer.release(stream.name)
+            if stream.held and not resumed and self.resumer is not None:
+                self.resumer.release(stream.name)
+            stream.held = False
         if resumed:
             log.info("stream resumed from redis", extra={"stream": stream.name})
 
@@ -672,9 +698,11 @@ class RedisTier:
         for name in stream.tracks:
             pipe.pexpire(object_redis_key(object_key(stream.name, name, init_uri())), _ms(ttl))
 
-    def _directory_entry(self, stream: _Produced) -> str:
-        return json.dumps({"node": self.node_id, "heartbeat": self._clock(),
-                           "started_at": stream.started_at})
+    def _directory_entry(self, stream: _Produced, interrupted: bool = False) -> str:
+        entry = {"node": self.node_id, "heartbeat": self._clock(), "started_at": stream.started_at}
+        if interrupted:
+            entry["interrupted"] = True  # any node may resume it at once
+        return json.dumps(entry)
 
     async def _resync(self) -> None:
         """After an outage: Redis may have restarted empty; rewrite every live stream's info,
@@ -682,7 +710,7 @@ class RedisTier:
         objects = self._client.pipeline(transaction=False)
         events = self._client.pipeline(transaction=False)
         for stream in self._produced.values():
-            if stream.decided and not stream.ended:
+            if stream.announced and not stream.ended and not stream.shadowed:
                 self._announce(objects, events, stream)
                 self._expire_stream(events, stream, self.timings.stream_ttl)
         if len(objects):
@@ -693,25 +721,49 @@ class RedisTier:
 
     async def _heartbeat_loop(self) -> None:
         """Keep live streams listed and their log, info and init segments from expiring (a stream
-        may be quiet for a while: a publisher in its grace period)."""
+        may be quiet for a while: a publisher in its grace period); take over the log of a
+        stream another node was writing once that node stops."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            streams = [s for s in self._produced.values() if s.announced and not s.ended]
-            if not streams or not self._available:
+            if not self._available or self._shutting_down:
                 continue
+            streams = [s for s in self._produced.values() if s.announced and not s.ended
+                       and not s.shadowed]
+            shadowed = [s for s in self._produced.values() if s.shadowed and not s.ended]
             pipe = self._client.pipeline(transaction=False)
             for stream in streams:
                 pipe.hset(DIRECTORY_KEY, stream.name, self._directory_entry(stream))
                 self._expire_stream(pipe, stream, self.timings.stream_ttl)
+            for stream in shadowed:
+                pipe.hget(DIRECTORY_KEY, stream.name)
+            if not len(pipe):
+                continue
             try:
-                await self._timed(pipe.execute())
+                answers = await self._timed(pipe.execute())
             except OUTAGE_ERRORS as error:
                 self._failed(error)
+                continue
             except redis.exceptions.RedisError as error:
                 self._errors += 1
                 self._last_error = f"{type(error).__name__}: {error}"[:300]
+                continue
+            for stream, entry in zip(shadowed, answers[len(answers) - len(shadowed):]):
+                if not self._owned_elsewhere(_json_or_none(entry)):
+                    stream.shadowed = False  # its next write starts a new log under the name
+                    stream.fresh = True
+                    log.info("taking over the redis log of a stream",
+                             extra={"stream": stream.name})
 
-    # -- snapshots -------------------------------------------------------------------------------------
+    def _owned_elsewhere(self, owner: dict[str, Any] | None) -> bool:
+        """Whether a directory entry says another node is writing that stream's log now."""
+        try:
+            return owner is not None and owner.get("node") != self.node_id \
+                and not owner.get("interrupted") \
+                and self._clock() - float(owner.get("heartbeat", 0)) <= 3 * self.heartbeat_interval
+        except (TypeError, ValueError):
+            return False
+
+    # -- snapshots ---------------------------------------------------------------------------------
     def stats(self) -> RedisTierStats:
         latencies = sorted(self._latencies)
         return RedisTierStats(
@@ -720,7 +772,8 @@ class RedisTier:
             errors=self._errors, outages=self._outages, last_error=self._last_error,
             latency_p50=_percentile(latencies, 0.50), latency_p99=_percentile(latencies, 0.99),
             hits=self._hits, misses=self._misses, read_bytes=self._read_bytes,
-            streams=sum(1 for stream in self._produced.values() if not stream.ended))
+            streams=sum(1 for stream in self._produced.values()
+                        if not stream.ended and not stream.shadowed))
 
 
 def _ms(seconds: float) -> int:
@@ -733,9 +786,18 @@ def _percentile(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def _json_or_none(value: object) -> dict[str, Any] | None:
+    try:
+        decoded = json.loads(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return decoded if isinstance(decoded, dict) else None
+
+
 def _float_or_none(value: object) -> float | None:
     try:
-        return float(value.decode() if isinstance(value, bytes) else value)  # type: ignore[arg-type]
+        return float(value.decode() if isinstance(value, bytes)  # type: ignore[arg-type]
+                     else value)
     except (TypeError, ValueError, AttributeError):
         return None
 

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from edge.cache import MemoryCache
 from edge.errors import NotFound, Unavailable
-from edge.redis_tier import RedisTier
+from edge.redis_tier import StreamHistory, TierTimings
 from origin.live import LiveStream, StreamEnded, TrackDeclared, WindowEvent
 from origin.packager import PartReady, SegmentOpened, SegmentReady
 from origin.rendition import RenditionSettings, init_uri
@@ -36,7 +36,29 @@ from origin.window import ANY_RENDITION, LiveSettings, StreamWindow, object_key
 log = logging.getLogger("livedge.replica")
 
 
-# -- which events a window can take (pure) -----------------------------------------------------------
+class StreamSource(Protocol):
+    """What replicas read streams and objects through: ``edge.redis_tier.RedisTier``, or any
+    other shared log with the same contract (peer fill). ``get`` and the reads raise
+    ``Unavailable`` while the source cannot be reached; ``wait_available`` returns once it can."""
+
+    timings: TierTimings
+
+    @property
+    def available(self) -> bool: ...
+
+    async def wait_available(self) -> None: ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def read_history(self, name: str) -> StreamHistory | None: ...
+
+    async def read_events(self, name: str, after: str,
+                          block: float) -> tuple[str, list[WindowEvent]]: ...
+
+    async def stream_exists(self, name: str) -> bool: ...
+
+
+# -- which events a window can take (pure) ---------------------------------------------------------
 class Verdict(enum.Enum):
     APPLY = "apply"
     SKIP = "skip"  # already applied, or cannot be listed (before the track's first whole segment)
@@ -99,7 +121,7 @@ class EventGate:
         return Verdict.SKIP
 
 
-# -- reading objects through the tiers ---------------------------------------------------------------
+# -- reading objects through the tiers -------------------------------------------------------------
 @dataclass(frozen=True)
 class ReaderStats:
     memory_hits: int
@@ -112,7 +134,7 @@ class ReaderStats:
 class ObjectReader:
     """Reads objects through the memory tier and Redis for every replica of this node."""
 
-    def __init__(self, memory: MemoryCache, tier: RedisTier, negative_ttl: float = 0.5,
+    def __init__(self, memory: MemoryCache, tier: StreamSource, negative_ttl: float = 0.5,
                  negative_max: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._memory = memory
         self._tier = tier
@@ -183,7 +205,7 @@ class ObjectReader:
                            self._negative_hits, self._unavailable)
 
 
-# -- a stream produced here continuing its log (restart) ---------------------------------------------
+# -- a stream produced here continuing its log (restart) -------------------------------------------
 class LocalResumer:
     """The Redis tier's ``StreamResumer`` for streams produced on this node: a restarted node's
     new ``LiveStream`` continues the log, reading the objects listed before the restart through
@@ -215,7 +237,7 @@ class LocalResumer:
             stream.release()
 
 
-# -- one replicated stream ---------------------------------------------------------------------------
+# -- one replicated stream -------------------------------------------------------------------------
 class ReplicaState(enum.Enum):
     LOADING = "loading"  # the first read of the log has not completed
     LIVE = "live"
@@ -228,7 +250,7 @@ class ReplicaStream(StreamWindow):
     ``close()`` stops following. ``settings``/``part_target`` are this node's, used only until
     the producer's are read from Redis."""
 
-    def __init__(self, name: str, tier: RedisTier, reader: ObjectReader, memory: MemoryCache,
+    def __init__(self, name: str, tier: StreamSource, reader: ObjectReader, memory: MemoryCache,
                  settings: LiveSettings, part_target: float, *,
                  on_retired: Callable[[ReplicaStream], None] = lambda replica: None,
                  poll: float = 1.0, expiry_check: float = 5.0,
@@ -255,7 +277,7 @@ class ReplicaStream(StreamWindow):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    # -- what HTTP sees ----------------------------------------------------------------------------------
+    # -- what HTTP sees ----------------------------------------------------------------------------
     def is_ready(self) -> bool:
         if self.state is ReplicaState.MISSING:
             raise NotFound(f"stream {self.name} is not live")
@@ -274,7 +296,7 @@ class ReplicaStream(StreamWindow):
         return await self._reader.read(object_key(self.name, rendition, name),
                                        self._tier.timings.ttl_for(name))
 
-    # -- following the log -------------------------------------------------------------------------------
+    # -- following the log -------------------------------------------------------------------------
     async def _run(self) -> None:
         try:
             if await self._load():
@@ -374,7 +396,7 @@ class ReplicaStream(StreamWindow):
         self._on_retired(self)
 
 
-# -- the lookup the HLS routes use -------------------------------------------------------------------
+# -- the lookup the HLS routes use -----------------------------------------------------------------
 class LocalStreams(Protocol):
     def live_stream(self, name: str) -> StreamWindow | None: ...
 
@@ -390,7 +412,7 @@ class ReplicaStats:
 class ReplicaDirectory:
     """Streams produced here first, else replicas of streams produced elsewhere."""
 
-    def __init__(self, local: LocalStreams, tier: RedisTier, reader: ObjectReader,
+    def __init__(self, local: LocalStreams, tier: StreamSource, reader: ObjectReader,
                  memory: MemoryCache, settings: LiveSettings, part_target: float, *,
                  max_replicas: int = 1000, missing_ttl: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, **replica_options: float) -> None:

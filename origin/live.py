@@ -4,8 +4,9 @@
 segment in the ``ObjectStore`` (the edge's first cache tier) as soon as it exists, pinned while the
 playlists list it, then tells the window and any listeners (the Redis tier, peers).
 
-After a restart a stream can continue the log it left in a shared tier: ``hold`` its first samples,
-then ``resume`` from the replayed events (numbering continues, after a discontinuity) or ``release``.
+After a restart a stream can continue the log it left in a shared tier: ``hold`` its first
+samples, then ``resume`` from the replayed events (numbering continues after a discontinuity) or
+``release`` them.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class LiveStream(StreamWindow):
         self.end_playlists()
         self._tell(StreamEnded())
 
-    # -- restart resume -----------------------------------------------------------------------------
+    # -- restart resume ----------------------------------------------------------------------------
     def hold(self) -> None:
         """Hold samples until ``resume`` or ``release`` (at most ``HOLD_LIMIT``): whether this
         stream continues a log is being asked (the Redis tier does, at the stream's first track

@@ -114,9 +114,14 @@ class TrackPackager:
             if duration <= 0:
                 duration = self._last_duration
             self._cut(replace(held, duration=duration), wall_anchor, events)
-        if sample.duration > 0:
+        if sample.duration > 0 and not self._is_video:
             self._cut(sample, wall_anchor, events)
         else:
+            # Video durations come from the next frame's dts: live sources (WebRTC above all) do
+            # not keep a steady frame interval, and a nominal duration would leave gaps between
+            # parts that players treat as holes in the buffer. It costs one frame of latency.
+            if sample.duration > 0:
+                self._last_duration = sample.duration
             self._held = sample
         return events
 

@@ -41,8 +41,8 @@ def node_environment(**extra: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running_node(tmp_path: Path, *args: str, startup_timeout: float = 20.0,
-                 **env: str) -> Iterator[RunningNode]:
-    port = free_port()
+                 port: int | None = None, **env: str) -> Iterator[RunningNode]:
+    port = port or free_port()
     env.setdefault("WS_PORT", str(free_port()))
     log_path = tmp_path / f"node-{port}.log"
     with open(log_path, "wb") as log_file:

@@ -72,7 +72,7 @@ async def test_a_blocked_reload_wakes_when_its_part_arrives(stream):
     waiter = asyncio.create_task(stream.wait_changed("90p", timeout=5))
     await asyncio.sleep(0)
     assert not waiter.done()
-    for sample in samples[8:15]:
+    for sample in samples[8:17]:
         stream.add_sample("90p", sample)
     assert await waiter
     assert stream.readiness("90p", 0, 1) is Readiness.READY

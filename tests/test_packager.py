@@ -40,13 +40,13 @@ def of(kind, events):
 
 
 def test_video_cuts_parts_on_the_grid_and_segments_on_keyframes(video_track):
-    events = run(TrackPackager(video_track, SETTINGS), video_samples(121))
+    events = run(TrackPackager(video_track, SETTINGS), video_samples(122))
     parts = of(PartReady, events)
     segments = of(SegmentReady, events)
     assert [s.msn for s in segments] == [0, 1]
     assert [s.part_count for s in segments] == [4, 4]
     assert [s.duration for s in segments] == [2.0, 2.0]
-    # 8 parts of two whole segments, plus none yet of segment 2 (one frame only, not a whole part).
+    # 8 parts of two whole segments, plus none yet of segment 2 (two frames only).
     assert [(p.msn, p.index) for p in parts] == [(0, 0), (0, 1), (0, 2), (0, 3),
                                                  (1, 0), (1, 1), (1, 2), (1, 3)]
     assert all(p.duration == pytest.approx(0.5) for p in parts)
@@ -54,12 +54,30 @@ def test_video_cuts_parts_on_the_grid_and_segments_on_keyframes(video_track):
     assert segments[0].data == b"".join(p.data for p in parts[:4])
 
 
-def test_a_part_is_ready_when_its_last_frame_arrives(video_track):
+def test_a_part_is_ready_when_the_frame_after_its_last_arrives(video_track):
     packager = TrackPackager(video_track, SETTINGS)
-    events = run(packager, video_samples(14))
+    events = run(packager, video_samples(15))  # frames 0-14: part 0, the last one's end unknown
     assert not of(PartReady, events)
-    events = run(packager, video_samples(1, start=14 * FRAME, gop=1000))
+    events = run(packager, video_samples(1, start=15 * FRAME, gop=1000))
     assert [(p.msn, p.index) for p in of(PartReady, events)] == [(0, 0)]
+
+
+def test_video_durations_come_from_the_next_frame_so_parts_have_no_gaps(video_track):
+    # A WebRTC-like source: frames arrive 30-36 ms apart while the producer claims 33.3 ms.
+    starts = [0]
+    for i in range(1, 200):
+        starts.append(starts[-1] + (2700 if i % 3 else 3240))
+    keyframes = {0} | {i for i, t in enumerate(starts) if i and t // 180_000 > starts[i - 1] // 180_000}
+    samples = [EncodedSample(t, t, FRAME, i in keyframes, IDR if i in keyframes else NON_IDR)
+               for i, t in enumerate(starts)]
+    events = run(TrackPackager(video_track, SETTINGS), samples)
+    parts = of(PartReady, events)
+    assert len(parts) >= 10
+    # Parts tile time: each ends exactly where a frame (the next part's first) starts.
+    elapsed = 0
+    for part in parts:
+        elapsed += round(part.duration * 90_000)
+        assert elapsed in starts
 
 
 def test_video_waits_for_a_keyframe_to_start(video_track):

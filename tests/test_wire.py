@@ -1,4 +1,4 @@
-"""Window events as flat fields: table-driven round trips, media bytes left out, bad input refused."""
+"""Window events as flat fields: table-driven round trips, no media bytes, bad input refused."""
 
 from __future__ import annotations
 

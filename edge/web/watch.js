@@ -6,6 +6,11 @@
 (() => {
   const RETRY_MS = 2000; // before asking again for a stream that is not live (yet) or unreachable
   const READOUT_MS = 500;
+  // hls.js speeds up to its target latency only from within one target duration of it; a player
+  // further behind (a long stall, a slow start, a pause) would stay there. We jump it back to the
+  // live edge then, at most once per JUMP_INTERVAL_MS, unless the viewer seeked back on purpose.
+  const JUMP_MARGIN_S = 1.0;
+  const JUMP_INTERVAL_MS = 10000;
 
   const $ = (id) => document.getElementById(id);
   const video = $("video");
@@ -26,10 +31,14 @@
     latency: null, // seconds behind the live edge (hls.latency)
     targetLatency: null,
     clockDelay: null, // seconds between now and the playhead's EXT-X-PROGRAM-DATE-TIME
+    jumps: 0, // times the player was put back at the live edge (see JUMP_MARGIN_S)
   };
   let hls = null;
   let stallStartedAt = null;
   let retryTimer = null;
+  let seekedBack = false; // the viewer chose to watch behind the live edge
+  let lastPosition = 0;
+  let lastJumpAt = -Infinity;
   window.livedgeWatch = { stats, source, get hls() { return hls; } };
 
   document.title = stream + " · livedge";
@@ -60,6 +69,11 @@
     setState("playing", "playing");
   });
   video.addEventListener("pause", () => setState("paused", "paused"));
+  video.addEventListener("timeupdate", () => { lastPosition = video.currentTime; });
+  video.addEventListener("seeking", () => {
+    // Forward seeks are the player's own (gap skips, live sync); backward ones are the viewer's.
+    if (video.currentTime < lastPosition - 0.5) seekedBack = true;
+  });
 
   // -- qualities ---------------------------------------------------------------------------------
   function levelLabel(level) {
@@ -90,10 +104,28 @@
     hls.currentLevel = Number(quality.value);
   });
 
-  $("live").addEventListener("click", () => {
+  function goLive() {
     if (hls && Number.isFinite(hls.liveSyncPosition)) video.currentTime = hls.liveSyncPosition;
+  }
+
+  $("live").addEventListener("click", () => {
+    seekedBack = false;
+    goLive();
     video.play().catch(() => {});
   });
+
+  function keepNearLive() {
+    if (!hls || seekedBack || video.paused || stats.latency === null || !stats.targetLatency) return;
+    const details = hls.levels[hls.currentLevel] && hls.levels[hls.currentLevel].details;
+    const targetDuration = details ? details.targetduration : 2;
+    const now = performance.now();
+    if (stats.latency > stats.targetLatency + targetDuration + JUMP_MARGIN_S &&
+        now - lastJumpAt > JUMP_INTERVAL_MS) {
+      lastJumpAt = now;
+      stats.jumps += 1;
+      goLive();
+    }
+  }
 
   // -- loading -----------------------------------------------------------------------------------
   function retryLater(text) {
@@ -151,6 +183,7 @@
       const date = hls.playingDate;
       stats.clockDelay = date ? (Date.now() - date.getTime()) / 1000 : null;
       showLevel();
+      keepNearLive();
     }
     const latency = $("latency");
     latency.textContent = seconds(stats.latency) +
