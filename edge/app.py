@@ -123,7 +123,8 @@ def build_fleet(settings: Settings, node: Node, streams: Callable[[str], object]
         return active / max(1, settings.max_publishers)
 
     fleet_settings = FleetSettings(gossip, http_url, settings.zone, settings.origin_url,
-                                   fleet_secret(keys, settings.fleet_secret))
+                                   fleet_secret(keys, settings.fleet_secret),
+                                   origin_role=settings.role == "origin")
     return Fleet(fleet_settings, streams, event_log, digest, lambda: node.draining, load)
 
 
@@ -241,7 +242,9 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     hls.add_to(app)
     ApiRoutes(node, metrics, authorize).add_to(app)
     WebRoutes(node, PageSettings(settings.playback_auth == "token", settings.ws_port)).add_to(app)
-    WhipRoutes.from_settings(settings, publishing, authorize).add_to(app)
+    is_origin = settings.role == "origin"  # a shield and directory: nothing is published here
+    if not is_origin:
+        WhipRoutes.from_settings(settings, publishing, authorize).add_to(app)
     if tiers and tiers.fleet:
         tiers.fleet.add_to(app, lambda request: authorize(request, Scope.ADMIN, None))
 
@@ -251,15 +254,18 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
             await tiers.redis.start()  # before any stream: a restarted node resumes from it
         if tiers and tiers.fleet:
             await tiers.fleet.start()
-        for name, url in settings.pull_streams:
-            await node.add_pull(name, url)
-        if settings.demo:
-            await node.add_demo()
-        ws_ingest = WebSocketIngest(publishing, lambda: app[VERIFIER], settings.host,
-                                    settings.ws_port)
-        await ws_ingest.start()
+        ws_ingest = None
+        if not is_origin:
+            for name, url in settings.pull_streams:
+                await node.add_pull(name, url)
+            if settings.demo:
+                await node.add_demo()
+            ws_ingest = WebSocketIngest(publishing, lambda: app[VERIFIER], settings.host,
+                                        settings.ws_port)
+            await ws_ingest.start()
         yield
-        await ws_ingest.close()  # before publishing.close(): its sessions end their publications
+        if ws_ingest is not None:
+            await ws_ingest.close()  # before publishing.close(): its sessions end publications
         lag_probe.cancel()
         with suppress(asyncio.CancelledError):
             await lag_probe

@@ -23,7 +23,9 @@ def _serve(args: argparse.Namespace) -> int:
     from edge.serve import serve
 
     overrides: dict[str, object] = {}
-    if args.demo:
+    if args.command == "origin":
+        overrides["role"] = "origin"
+    if getattr(args, "demo", False):
         overrides["demo"] = True
     if args.port is not None:
         overrides["port"] = args.port
@@ -121,6 +123,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--host")
     serve.set_defaults(run=_serve)
+
+    origin = commands.add_parser("origin", help="run the fleet's origin: directory and shield, "
+                                                "no ingest (needs SEEDS or GOSSIP_KEYS)")
+    origin.add_argument("--config", help="TOML configuration file (environment variables win)")
+    origin.add_argument("--port", type=int)
+    origin.add_argument("--host")
+    origin.set_defaults(run=_serve)
 
     token = commands.add_parser("token", help="print a JWT signed with the configured key")
     token.add_argument("--scope", required=True, help="publish, play, admin (several: 'play publish')")

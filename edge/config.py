@@ -92,6 +92,7 @@ class Settings:
     advertise_url: str | None = None  # how peers reach our HTTP; default http://NODE_NAME:PORT
     zone: str = ""
     origin_url: str | None = None  # the origin role's HTTP address, the last hop of a miss
+    role: str = "edge"  # "edge", or "origin" (livedge origin): no ingest, a shield and directory
 
 
 class ConfigError(ValueError):
@@ -479,6 +480,7 @@ _FIELDS: dict[str, _Field] = {
     "advertise_url": _Field("ADVERTISE_URL", _optional_text),
     "zone": _Field("ZONE", _text),
     "origin_url": _Field("ORIGIN_URL", _optional_text),
+    "role": _Field("ROLE", _choice("edge", "origin")),
 }
 assert set(_FIELDS) == {field.name for field in fields(Settings)}
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
-import json
 import logging
 import time
 from contextlib import suppress
@@ -24,12 +23,11 @@ import aiohttp
 import jwt
 from aiohttp import web
 
-from edge.errors import Forbidden, NotFound, Unauthorized, Unavailable
+from edge.errors import NotFound, Unauthorized, Unavailable
 from edge.eventlog import LocalEventLog
 from edge.membership import GossipMembership, GossipSettings
 from edge.names import validate_rendition_name, validate_stream_name
 from edge.peers import PeerInfo, PeerTable
-from origin.live import StreamEnded
 from origin.window import LiveSettings, StreamWindow
 from origin.wire import WireError, decode_settings, encode_settings, pack_event, unpack_event
 
@@ -100,6 +98,7 @@ class FleetSettings:
     zone: str
     origin_url: str | None
     secret: bytes
+    origin_role: bool = False  # this node is the origin
 
 
 class Fleet:
@@ -127,7 +126,8 @@ class Fleet:
 
     def _local_info(self) -> PeerInfo:
         return PeerInfo(self.settings.gossip.name, self.settings.http_url, self.settings.zone,
-                        self._load(), self._draining(), self._digest())
+                        self._load(), self._draining(), self._digest(),
+                        origin=self.settings.origin_role)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -229,7 +229,8 @@ class Fleet:
         self._authorize_admin(request)
         members = [{"name": peer.name, "http": peer.http, "zone": peer.zone, "load": peer.load,
                     "draining": peer.draining, "streams": dict(peer.streams),
-                    "streams_truncated": peer.streams_truncated, "self": peer.name == self.name}
+                    "streams_truncated": peer.streams_truncated, "origin": peer.origin,
+                    "self": peer.name == self.name}
                    for peer in self.table.peers()]
         return web.json_response({"node": self.name, "members": members,
                                   "streams": self.table.streams(),
@@ -261,9 +262,19 @@ class Fleet:
             sources.append((owner.http, True))
         if ingester:
             sources.append((ingester, True))
-        if self.settings.origin_url:
-            sources.append((self.settings.origin_url.rstrip("/"), True))
+        origin = self.origin_url()
+        if origin:
+            sources.append((origin, True))
         return sources
+
+    def origin_url(self) -> str | None:
+        """ORIGIN_URL, else the origin that gossip names; never this node itself."""
+        if self.settings.origin_role:
+            return None
+        if self.settings.origin_url:
+            return self.settings.origin_url.rstrip("/")
+        origin = self.table.origin()
+        return origin.http.rstrip("/") if origin is not None else None
 
     async def fetch_object(self, key: str) -> bytes | None:
         stream, rendition, name = key.split("/", 2)
@@ -292,10 +303,7 @@ class Fleet:
             return await response.json()
 
     def event_sources(self, stream: str) -> list[str]:
-        sources = [url for url in (self.ingester_url(stream),) if url]
-        if self.settings.origin_url:
-            sources.append(self.settings.origin_url.rstrip("/"))
-        return sources
+        return [url for url in (self.ingester_url(stream), self.origin_url()) if url]
 
 
 def decode_history_document(document: dict) -> tuple[LiveSettings, float, float, str, list, str]:
@@ -314,6 +322,3 @@ def decode_events_document(document: dict) -> tuple[str, list]:
             continue
     return str(document["last_id"]), events
 
-
-__all__ = ["Fleet", "FleetSettings", "FleetCredential", "fleet_secret", "StreamEnded", "json",
-           "Forbidden"]

@@ -27,6 +27,7 @@ class PeerInfo:
     draining: bool = False
     streams: Mapping[str, int] = field(default_factory=dict)  # ingested stream -> newest MSN
     streams_truncated: bool = False  # the digest did not fit: ask the peer for the rest
+    origin: bool = False  # the origin role: a shield and directory, never an owner or ingester
 
 
 def _size(meta: Mapping[str, str]) -> int:
@@ -38,6 +39,8 @@ def encode_meta(info: PeerInfo, limit: int = META_LIMIT_BYTES) -> dict[str, str]
     only by name order, so the cut is stable from one update to the next."""
     meta = {"h": info.http, "z": info.zone, "l": f"{min(max(info.load, 0.0), 1.0):.2f}",
             "d": "1" if info.draining else "0"}
+    if info.origin:
+        meta["r"] = "o"
     entries = [f"{name}:{msn}" for name, msn in sorted(info.streams.items())]
     kept: list[str] = []
     for entry in entries:
@@ -68,7 +71,7 @@ def decode_meta(name: str, meta: Mapping[str, str]) -> PeerInfo | None:
         load = 0.0
     return PeerInfo(name=name, http=http, zone=meta.get("z", ""), load=load,
                     draining=meta.get("d") == "1", streams=streams,
-                    streams_truncated=meta.get("t") == "1")
+                    streams_truncated=meta.get("t") == "1", origin=meta.get("r") == "o")
 
 
 class PeerTable:
@@ -103,10 +106,15 @@ class PeerTable:
     def owner(self, stream: str) -> PeerInfo | None:
         """The edge that fetches ``stream`` for the others: rendezvous over live, non-draining
         members, so every edge that sees the same members picks the same one."""
-        candidates = [peer for peer in self._peers.values() if not peer.draining]
+        candidates = [peer for peer in self._peers.values()
+                      if not peer.draining and not peer.origin]
         if not candidates:
             return None
         return rendezvous_owner(stream, [_Named(peer) for peer in candidates]).peer
+
+    def origin(self) -> PeerInfo | None:
+        """The origin, if one is a member."""
+        return next((peer for peer in self._peers.values() if peer.origin), None)
 
     def streams(self) -> dict[str, str]:
         """Every live stream the fleet gossips, with the name of its ingesting edge."""

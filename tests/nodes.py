@@ -41,13 +41,14 @@ def node_environment(**extra: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running_node(tmp_path: Path, *args: str, startup_timeout: float = 20.0,
-                 port: int | None = None, **env: str) -> Iterator[RunningNode]:
+                 port: int | None = None, command: str = "serve",
+                 **env: str) -> Iterator[RunningNode]:
     port = port or free_port()
     env.setdefault("WS_PORT", str(free_port()))
     log_path = tmp_path / f"node-{port}.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "edge.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "edge.cli", command, "--host", "127.0.0.1", "--port", str(port),
              *args], env=node_environment(**env), stdout=log_file, stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent)
     node = RunningNode(f"http://127.0.0.1:{port}", process, log_path,

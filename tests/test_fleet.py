@@ -23,19 +23,26 @@ ADMIN = {"Authorization": "Bearer " + issue_token(TEST_SECRET, "HS256", Scope.AD
 
 
 @contextlib.contextmanager
-def fleet(tmp_path, count: int, first_args=("--demo",), **env):
-    key = base64.b64encode(os.urandom(32)).decode()
-    gossip_ports = [free_port() for _ in range(count)]
-    http_ports = [free_port() for _ in range(count)]
+def fleet(tmp_path, count: int, first_args=("--demo",), with_origin: bool = False, key=None,
+          **env):
+    """``count`` edges (edge-0 gets ``first_args``), plus the origin last when ``with_origin``."""
+    key = key or base64.b64encode(os.urandom(32)).decode()
+    total = count + (1 if with_origin else 0)
+    gossip_ports = [free_port() for _ in range(total)]
+    http_ports = [free_port() for _ in range(total)]
     with contextlib.ExitStack() as stack:
         nodes = []
-        for i in range(count):
-            node_env = dict(NODE_NAME=f"edge-{i}", GOSSIP_BIND=f"127.0.0.1:{gossip_ports[i]}",
+        for i in range(total):
+            is_origin = i == count
+            name = "origin" if is_origin else f"edge-{i}"
+            (tmp_path / name).mkdir(exist_ok=True)
+            node_env = dict(NODE_NAME=name, GOSSIP_BIND=f"127.0.0.1:{gossip_ports[i]}",
                             SEEDS=f"127.0.0.1:{gossip_ports[0]}", GOSSIP_KEYS=key,
                             ADVERTISE_URL=f"http://127.0.0.1:{http_ports[i]}", **env)
             args = first_args if i == 0 else ()
             nodes.append(stack.enter_context(
-                running_node(tmp_path / f"edge-{i}", *args, port=http_ports[i], **node_env)))
+                running_node(tmp_path / name, *args, port=http_ports[i],
+                             command="origin" if is_origin else "serve", **node_env)))
         yield nodes
 
 
@@ -60,8 +67,6 @@ async def until(predicate, timeout: float, what: str):
 
 
 async def test_viewers_on_any_edge_play_a_stream_ingested_on_another(tmp_path):
-    for path in (tmp_path / f"edge-{i}" for i in range(3)):
-        path.mkdir()
     with fleet(tmp_path, 3) as nodes:
         async with aiohttp.ClientSession() as session:
             async def converged():
@@ -105,8 +110,6 @@ async def test_viewers_on_any_edge_play_a_stream_ingested_on_another(tmp_path):
 
 
 async def test_a_killed_edge_is_noticed_and_its_peers_keep_serving(tmp_path):
-    for path in (tmp_path / f"edge-{i}" for i in range(3)):
-        path.mkdir()
     with fleet(tmp_path, 3, first_args=()) as nodes:
         async with aiohttp.ClientSession() as session:
             async def converged():
@@ -124,8 +127,6 @@ async def test_a_killed_edge_is_noticed_and_its_peers_keep_serving(tmp_path):
 
 
 async def test_the_peer_api_refuses_outsiders(tmp_path):
-    for path in (tmp_path / f"edge-{i}" for i in range(1)):
-        path.mkdir()
     with fleet(tmp_path, 1) as nodes:
         async with aiohttp.ClientSession() as session:
             for path in ("/fleet/streams", "/fleet/streams/demo/history",
@@ -135,3 +136,28 @@ async def test_the_peer_api_refuses_outsiders(tmp_path):
                 async with session.get(nodes[0].url + path,
                                        headers={"X-Livedge-Fleet": "forged"}) as response:
                     assert response.status == 401
+
+
+async def test_the_origin_directs_and_shields_but_never_ingests_or_owns(tmp_path):
+    from edge.fleet import FLEET_HEADER, FleetCredential, fleet_secret
+    from edge.membership import decode_key
+    key = base64.b64encode(os.urandom(32)).decode()
+    with fleet(tmp_path, 2, with_origin=True, key=key) as nodes:
+        origin = nodes[-1]
+        async with aiohttp.ClientSession() as session:
+            async def converged():
+                view = await cluster(session, origin)
+                return len(view["members"]) == 3 and view["streams"].get("demo") == "edge-0"
+            await until(converged, 20, "the origin did not learn the fleet")
+            view = await cluster(session, origin)
+            assert [m["name"] for m in view["members"] if m.get("origin")] == ["origin"]
+            # Nothing is published on the origin.
+            status, _ = await get(session, f"{origin.url}/whip/x")
+            assert status in (404, 405)
+            # Its shield answers edges (with the fleet credential) from the ingesting edge.
+            credential = FleetCredential(fleet_secret((decode_key(key),)), "edge-1").token()
+            await wait_for_segments(session, f"{nodes[0].url}/hls/demo/360p/index.m3u8", 1)
+            async with session.get(f"{origin.url}/fleet/objects/demo/360p/init.mp4",
+                                   headers={FLEET_HEADER: credential}) as response:
+                assert response.status == 200
+                assert (await response.read())[4:8] == b"ftyp"

@@ -16,6 +16,7 @@ def peer(name: str, streams=None, draining=False) -> PeerInfo:
     peer("edge-1"),
     peer("edge-2", {"cam-1": 12, "studio.main": 0}, draining=True),
     PeerInfo("e", "http://[::1]:3000", zone="eu-west-1b", load=1.0, streams={"x": 2**40}),
+    PeerInfo("origin", "http://origin:3000", origin=True),
 ])
 def test_metadata_round_trips(info):
     assert decode_meta(info.name, encode_meta(info)) == info
@@ -64,3 +65,11 @@ def test_owner_is_stable_and_skips_draining_members():
     table.upsert(peer("edge-2", draining=True))
     moved = {s for s in owners if table.owner(s).name != owners[s]}
     assert moved == {s for s, name in owners.items() if name == "edge-2"}  # only its keys move
+
+
+def test_the_origin_is_never_an_owner():
+    table = PeerTable("edge-1")
+    table.upsert(peer("edge-1"))
+    table.upsert(PeerInfo("origin", "http://origin:3000", origin=True))
+    assert {table.owner(f"s{i}").name for i in range(40)} == {"edge-1"}
+    assert table.origin().name == "origin"
