@@ -188,6 +188,10 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
         cache_stats = staticmethod(cache.stats)
 
         @staticmethod
+        def fleet_stats():
+            return tiers.fleet.stats() if tiers and tiers.fleet else None
+
+        @staticmethod
         def redis_stats():
             return tiers.redis.stats() if tiers and tiers.redis else None
 

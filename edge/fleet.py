@@ -163,6 +163,11 @@ class Fleet:
                     log.warning("gossip state not published: %s", error)
             await asyncio.sleep(PUBLISH_INTERVAL)
 
+    def stats(self) -> dict[str, int]:
+        return {"peers_alive": sum(1 for peer in self.table.peers() if peer.name != self.name),
+                "upstream_fetches": self.upstream_fetches,
+                "served_to_peers": self.served_to_peers}
+
     # -- the peer API (served) -------------------------------------------------------------------
     def add_to(self, app: web.Application, authorize_admin: Callable[[web.Request], object]) -> None:
         self._authorize_admin = authorize_admin

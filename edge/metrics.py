@@ -89,6 +89,16 @@ class NodeCollector(Collector):
                                   value=cache.evictions)
         yield from _tier_metrics(cache, getattr(self._node, "redis_stats", lambda: None)(),
                                  getattr(self._node, "replica_stats", lambda: None)())
+        fleet = getattr(self._node, "fleet_stats", lambda: None)()
+        if fleet is not None:
+            yield GaugeMetricFamily("livedge_peers_alive",
+                                    "Other fleet members this node's gossip holds alive",
+                                    value=fleet["peers_alive"])
+            yield CounterMetricFamily("livedge_fleet_upstream_fetches",
+                                      "Objects fetched from another edge or the origin",
+                                      value=fleet["upstream_fetches"])
+            yield CounterMetricFamily("livedge_fleet_served_to_peers",
+                                      "Objects served to other edges", value=fleet["served_to_peers"])
         hls = self._node.hls_counters()
         yield GaugeMetricFamily("livedge_blocked_requests", "Requests held for a part right now",
                                 value=hls.blocked_requests)

@@ -153,8 +153,10 @@ def test_compose_services_are_wired_to_files_and_services_that_exist():
         seeds = services[edge]["environment"]["SEEDS"].split(",")
         assert seeds == [f"{other}:7946" for other in edges]
         assert services[edge]["environment"]["NODE_NAME"] == edge
-    # The origin command does not exist yet: it must stay behind a profile.
-    assert services["origin"]["command"] == ["origin"] and services["origin"]["profiles"]
+    # The origin joins the edges' gossip as the fleet's directory and shield.
+    assert services["origin"]["command"] == ["origin"]
+    assert services["origin"]["environment"]["NODE_NAME"] == "origin"
+    assert "edge-1:7946" in services["origin"]["environment"]["SEEDS"]
 
 
 def _grace_seconds(text: str) -> float:
@@ -256,7 +258,7 @@ def test_livedge_pods_probe_run_as_the_image_user_and_declare_resources():
     edge = by_kind("StatefulSet")["livedge-edge"]
     assert _containers(edge)[0]["resources"]["requests"]["cpu"] == "2"
     assert "replicas" not in edge["spec"]  # the HPA owns it
-    assert by_kind("Deployment")["livedge-origin"]["spec"]["replicas"] == 0  # until `origin` exists
+    assert by_kind("Deployment")["livedge-origin"]["spec"]["replicas"] == 1  # one origin
 
 
 def test_gossip_seeds_secrets_and_selectors_line_up():
