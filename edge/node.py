@@ -98,7 +98,7 @@ class Node:
             sink or entry.stream, asyncio.get_running_loop(), self.rungs(),
             segment_duration=self.settings.segment_duration,
             audio_bitrate=self.settings.audio_bitrate, preset=self.settings.x264_preset,
-            tune=self.settings.x264_tune)
+            tune=self.settings.x264_tune, passthrough=self.settings.passthrough_source)
         entry.transcoders[:] = [transcoder]
         return transcoder
 

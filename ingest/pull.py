@@ -226,6 +226,10 @@ def pump(container: av.container.InputContainer, consumer: FrameConsumer, pacer:
             break
         if pacer is not None and packet.dts is not None and packet.time_base is not None:
             pacer.wait(float(packet.dts * packet.time_base))
+        if packet.stream is video and packet.size:
+            push_packet = getattr(consumer, "push_video_packet", None)
+            if push_packet is not None:
+                push_packet(packet, video)
         try:
             decoded = packet.decode()
         except av.FFmpegError as exc:

@@ -43,6 +43,7 @@ from av.video.reformatter import Interpolation, VideoReformatter
 from ingest.ladder import RungSpec, plan_ladder
 from ingest.media import (AUDIO_SAMPLE_RATE, VIDEO_TIMESCALE, EncodedSample, MediaSink, TrackInfo,
                           TrackKind)
+from ingest.passthrough import SOURCE_RENDITION, H264Passthrough
 from ingest.timeline import Timeline
 
 AUDIO_TRACK = "audio"
@@ -108,9 +109,9 @@ class LadderTranscoder:
     def __init__(self, sink: MediaSink, loop: asyncio.AbstractEventLoop, rungs: Sequence[RungSpec], *,
                  segment_duration: float, audio_bitrate: int = 128_000, preset: str = "veryfast",
                  tune: str = "zerolatency", queue_frames: int = 60,
-                 block_on_full: float = 0.0) -> None:
-        if not rungs:
-            raise ValueError("the ladder has no rungs")
+                 block_on_full: float = 0.0, passthrough: bool = False) -> None:
+        if not rungs and not passthrough:
+            raise ValueError("the ladder has no rungs (and no passthrough)")
         if segment_duration <= 0:
             raise ValueError("segment_duration must be positive")
         self._sink = sink
@@ -140,6 +141,10 @@ class LadderTranscoder:
         self._frames_in = 0
         self._last_error: str | None = None
         self._closed = False
+        # Passthrough: the source's H.264 is also republished as rendition "source", and the
+        # ladder's IDR frames follow the source's keyframes so every rendition cuts together.
+        self._passthrough = passthrough
+        self._source: H264Passthrough | None = None
 
     # -- producer thread ---------------------------------------------------------------------------
 
@@ -164,11 +169,33 @@ class LadderTranscoder:
         pts = max(round(output_time * VIDEO_TIMESCALE), self._last_video_pts + 1)
         self._last_video_pts = pts
         boundary = self._force_boundary or pts >= self._next_boundary
+        if self._passthrough and self._source is not None and self._source.track is not None:
+            boundary = boundary and frame.key_frame  # only where the source itself can cut
         if boundary:
             self._force_boundary = False
             self._next_boundary = (pts // self._segment_ticks + 1) * self._segment_ticks
         for worker in self._workers:
             worker.offer(frame, pts, boundary)
+
+    def push_video_packet(self, packet: av.Packet, stream: av.video.stream.VideoStream) -> None:
+        """With passthrough on, republish the source's own H.264 ``packet`` (before it is decoded
+        and pushed with ``push_video``) as rendition ``source``; otherwise do nothing."""
+        if not self._passthrough or stream.codec_context.name != "h264":
+            return
+        self._check_open()
+        if self._source is None:
+            self._source = H264Passthrough(stream, self._frame_rate_hint or DEFAULT_FRAME_RATE)
+        interval = 1.0 / (self._frame_rate_hint or DEFAULT_FRAME_RATE)
+        try:
+            samples = self._source.samples(
+                packet, lambda dts: self._timeline.map(SOURCE_RENDITION, dts, interval))
+        except (av.FFmpegError, ValueError) as exc:
+            self._record_error(f"passthrough: {exc}")
+            return
+        for track, sample in samples:
+            if track is not None:
+                self._declare(track)
+            self._emit_sample(SOURCE_RENDITION, sample)
 
     def push_audio(self, frame: av.AudioFrame) -> None:
         """Resample and encode one decoded audio frame (any format/rate/layout) to AAC 48 kHz stereo."""

@@ -159,11 +159,11 @@ class TrackPackager:
             if self._is_video and not sample.keyframe:
                 self.dropped_samples += 1  # a decoder cannot start here
                 return
-            self._open_segment(start, wall_anchor, events)
+            self._open_segment(self._grid_anchor(sample), wall_anchor, events)
         elif self._starts_new_segment(sample, start, end):
             self._close_part(events)
             self._close_segment(events)
-            self._open_segment(start, wall_anchor, events)
+            self._open_segment(self._grid_anchor(sample), wall_anchor, events)
         if self._part_samples and (end > self._part_grid_end + self._tolerance
                                    or end - self._part_samples[0].dts > self._longest_part):
             self._close_part(events)
@@ -178,8 +178,16 @@ class TrackPackager:
 
     def _starts_new_segment(self, sample: EncodedSample, start: int, end: int) -> bool:
         if self._is_video:
-            return sample.keyframe and start + self._tolerance >= self._segment_grid_end
+            # A keyframe's presentation time places it on the grid: with B-frames (a passed-through
+            # source) its decode time comes a little earlier.
+            return sample.keyframe and max(start, sample.pts) + self._tolerance \
+                >= self._segment_grid_end
         return end > self._segment_grid_end + self._tolerance
+
+    def _grid_anchor(self, sample: EncodedSample) -> int:
+        """Where a segment starting with ``sample`` sits on the grid (its presentation time for
+        video, so B-frame sources cut where the ladder does)."""
+        return max(sample.dts, sample.pts) if self._is_video else sample.dts
 
     def _open_segment(self, start: int, wall_anchor: float, events: list[PackagerEvent]) -> None:
         grid_start = (start + self._tolerance) // self._segment_ticks * self._segment_ticks

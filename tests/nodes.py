@@ -40,7 +40,7 @@ def node_environment(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_node(tmp_path: Path, *args: str, startup_timeout: float = 20.0,
+def running_node(tmp_path: Path, *args: str, startup_timeout: float = 40.0,
                  port: int | None = None, command: str = "serve",
                  **env: str) -> Iterator[RunningNode]:
     port = port or free_port()

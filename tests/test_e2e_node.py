@@ -296,3 +296,70 @@ async def test_playback_auth_requires_a_play_token_for_that_stream(tmp_path):
             assert (await get(session, f"{base}/360p/{segment.split('?')[0]}"))[0] == 401
             assert (await get(session, f"{base}/360p/{segment.split('?')[0]}?token={other}"))[0] \
                 == 403
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["no-b-frames", "b-frames"])
+def h264_file(tmp_path_factory, request) -> Path:
+    """A 5 s 640x360 H.264 (GOP 1 s) + AAC MP4, with or without B-frames."""
+    path = tmp_path_factory.mktemp("h264") / f"bf{request.param}.mp4"
+    with av.open("testsrc2=size=640x360:rate=30[out0];sine=frequency=440:sample_rate=48000[out1]",
+                 format="lavfi") as source, av.open(str(path), "w") as target:
+        video_out = target.add_stream("libx264", rate=30, options={
+            "preset": "ultrafast", "bf": str(request.param),
+            "x264-params": "keyint=30:min-keyint=30:scenecut=0"})
+        video_out.width, video_out.height, video_out.pix_fmt = 640, 360, "yuv420p"
+        audio_out = target.add_stream("aac", rate=48_000)
+        done = set()
+        for frame in source.decode(source.streams.video[0], source.streams.audio[0]):
+            out = video_out if isinstance(frame, av.VideoFrame) else audio_out
+            if frame.time >= 5:
+                done.add(out.type)
+                if len(done) == 2:
+                    break
+                continue
+            target.mux(out.encode(frame))
+        target.mux(video_out.encode(None))
+        target.mux(audio_out.encode(None))
+    return path
+
+
+async def test_passthrough_republishes_the_source_aligned_with_the_ladder(tmp_path, h264_file):
+    with running_node(tmp_path, PULL_STREAMS=f"cam=file:{h264_file}",
+                      PASSTHROUGH_SOURCE="true") as node:
+        base = f"{node.url}/hls/cam"
+        async with aiohttp.ClientSession() as session:
+            text = await wait_for_segments(session, f"{base}/source/index.m3u8", 3)
+            status, body = await get(session, f"{base}/index.m3u8")
+            assert status == 200 and "source/index.m3u8" in body.decode()
+            assert "RESOLUTION=640x360" in body.decode()
+            await wait_for_segments(session, f"{base}/180p/index.m3u8", 3)
+            msn = re.findall(r"^seg(\d+)\.m4s$", text, re.M)[1]
+            starts = {}
+            for rendition in ("source", "180p"):
+                _, init = await get(session, f"{base}/{rendition}/init.mp4")
+                status, segment = await get(session, f"{base}/{rendition}/seg{msn}.m4s")
+                assert status == 200, rendition
+                frames = decode(init, segment)
+                assert frames[0].key_frame and len(frames) == pytest.approx(30, abs=1)
+                starts[rendition] = float(frames[0].time)
+            assert starts["source"] == pytest.approx(starts["180p"], abs=0.002)
+            # Not re-encoded: every coded slice the source rendition carries is one of the file's.
+            _, init = await get(session, f"{base}/source/init.mp4")
+            _, segment = await get(session, f"{base}/source/seg{msn}.m4s")
+    with av.open(io.BytesIO(init + segment), format="mp4") as served, \
+            av.open(str(h264_file)) as original:
+        served_slices = {nal for packet in served.demux(video=0) for nal in _slices(bytes(packet))}
+        file_slices = {nal for packet in original.demux(video=0) for nal in _slices(bytes(packet))}
+    assert served_slices and served_slices <= file_slices
+
+
+def _slices(avcc: bytes) -> list[bytes]:
+    """The coded slice NAL units (types 1 and 5) of a length-prefixed access unit."""
+    slices, offset = [], 0
+    while offset + 4 <= len(avcc):
+        size = int.from_bytes(avcc[offset:offset + 4], "big")
+        nal = avcc[offset + 4:offset + 4 + size]
+        if nal and nal[0] & 0x1F in (1, 5):
+            slices.append(nal)
+        offset += 4 + size
+    return slices
