@@ -7,8 +7,13 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 
 _CONTEXT_FIELDS = ("stream", "session", "request_id", "rendition", "peer", "url")
+
+# The HTTP request being handled, set by the app's middleware: every line logged while handling it
+# carries its id (the client's X-Request-Id, or one made up), and so does the response.
+request_id: ContextVar[str | None] = ContextVar("livedge_request_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,6 +27,8 @@ class JsonFormatter(logging.Formatter):
         }
         for field in _CONTEXT_FIELDS:
             value = getattr(record, field, None)
+            if value is None and field == "request_id":
+                value = request_id.get()
             if value is not None:
                 entry[field] = value
         if record.exc_info:

@@ -181,6 +181,7 @@ async def test_api_streams_needs_admin_and_reports_renditions(demo_node):
 
 async def test_metrics_expose_the_pipeline(demo_node):
     async with aiohttp.ClientSession() as session:
+        await wait_for_segments(session, f"{demo_node.url}/hls/demo/360p/index.m3u8", 1)
         status, body = await get(session, f"{demo_node.url}/metrics")
     text = body.decode()
     assert status == 200
@@ -363,3 +364,14 @@ def _slices(avcc: bytes) -> list[bytes]:
             slices.append(nal)
         offset += 4 + size
     return slices
+
+
+@pytest.mark.parametrize("sent, echoed", [("abc-123", True), ("bad id\twith spaces", False),
+                                          ("x" * 100, False)])
+async def test_responses_carry_a_request_id(demo_node, sent, echoed):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{demo_node.url}/healthz",
+                               headers={"X-Request-Id": sent}) as response:
+            rid = response.headers["X-Request-Id"]
+    assert (rid == sent) is echoed
+    assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}", rid)
