@@ -13,6 +13,7 @@ import aiohttp
 import av
 import pytest
 
+from tests.media_files import write_h264_aac
 from tests.nodes import TEST_SECRET, running_node
 
 pytestmark = pytest.mark.timeout(180)
@@ -196,24 +197,7 @@ async def test_metrics_expose_the_pipeline(demo_node):
 @pytest.fixture(scope="module")
 def media_file(tmp_path_factory) -> Path:
     """A 4 s 640x360 H.264/AAC file made with PyAV's own FFmpeg (lavfi test sources)."""
-    path = tmp_path_factory.mktemp("media") / "source.mp4"
-    with av.open("testsrc2=size=640x360:rate=30[out0];sine=frequency=440:sample_rate=48000[out1]",
-                 format="lavfi") as source, av.open(str(path), "w") as target:
-        video_out = target.add_stream("libx264", rate=30, options={"preset": "ultrafast"})
-        video_out.width, video_out.height, video_out.pix_fmt = 640, 360, "yuv420p"
-        audio_out = target.add_stream("aac", rate=48_000)
-        done = set()
-        for frame in source.decode(source.streams.video[0], source.streams.audio[0]):
-            out = video_out if isinstance(frame, av.VideoFrame) else audio_out
-            if frame.time >= 4:
-                done.add(out.type)
-                if len(done) == 2:
-                    break
-                continue
-            target.mux(out.encode(frame))
-        target.mux(video_out.encode(None))
-        target.mux(audio_out.encode(None))
-    return path
+    return write_h264_aac(tmp_path_factory.mktemp("media") / "source.mp4", 4)
 
 
 async def test_a_pulled_file_plays_and_bad_pulls_do_not_hurt_it(tmp_path, media_file):
@@ -302,26 +286,9 @@ async def test_playback_auth_requires_a_play_token_for_that_stream(tmp_path):
 @pytest.fixture(scope="module", params=[0, 2], ids=["no-b-frames", "b-frames"])
 def h264_file(tmp_path_factory, request) -> Path:
     """A 5 s 640x360 H.264 (GOP 1 s) + AAC MP4, with or without B-frames."""
-    path = tmp_path_factory.mktemp("h264") / f"bf{request.param}.mp4"
-    with av.open("testsrc2=size=640x360:rate=30[out0];sine=frequency=440:sample_rate=48000[out1]",
-                 format="lavfi") as source, av.open(str(path), "w") as target:
-        video_out = target.add_stream("libx264", rate=30, options={
-            "preset": "ultrafast", "bf": str(request.param),
-            "x264-params": "keyint=30:min-keyint=30:scenecut=0"})
-        video_out.width, video_out.height, video_out.pix_fmt = 640, 360, "yuv420p"
-        audio_out = target.add_stream("aac", rate=48_000)
-        done = set()
-        for frame in source.decode(source.streams.video[0], source.streams.audio[0]):
-            out = video_out if isinstance(frame, av.VideoFrame) else audio_out
-            if frame.time >= 5:
-                done.add(out.type)
-                if len(done) == 2:
-                    break
-                continue
-            target.mux(out.encode(frame))
-        target.mux(video_out.encode(None))
-        target.mux(audio_out.encode(None))
-    return path
+    return write_h264_aac(tmp_path_factory.mktemp("h264") / f"bf{request.param}.mp4", 5,
+                          video_options={"bf": str(request.param),
+                                         "x264-params": "keyint=30:min-keyint=30:scenecut=0"})
 
 
 async def test_passthrough_republishes_the_source_aligned_with_the_ladder(tmp_path, h264_file):
