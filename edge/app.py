@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import socket
 from contextlib import suppress
@@ -19,6 +20,7 @@ from edge.api import ApiRoutes
 from edge.cache import MemoryCache
 from edge.config import ConfigError, Settings
 from edge.errors import LivedgeError
+from edge.logs import request_id
 from edge.hls import HlsRoutes, HlsSettings
 from edge.metrics import Metrics
 from edge.node import Node
@@ -35,6 +37,7 @@ from edge.whip import WhipRoutes
 from edge.web import PageSettings, WebRoutes
 from edge.tokens import Claims, KeyLoadError, Scope, TokenVerifier, bearer_token
 from edge.ws_ingest import WebSocketIngest
+from edge.limits import LIMITS, AddressLimits, LimitSettings, limits_middleware, server_handler_args
 from origin.live import LiveSettings
 
 log = logging.getLogger("livedge.app")
@@ -45,11 +48,13 @@ VERIFIER = web.AppKey("verifier", TokenVerifier)
 METRICS = web.AppKey("metrics", Metrics)
 LOADER = web.AppKey("loader", Callable[[], Settings])
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a client's id is echoed only when it is this tame
+
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
-    "Access-Control-Expose-Headers": "Location, ETag, Link, Content-Length",
+    "Access-Control-Expose-Headers": "Location, ETag, Link, Content-Length, X-Request-Id",
     "Access-Control-Max-Age": "600",
 }
 
@@ -214,6 +219,9 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
         if request.method == "OPTIONS" and request.path != "/whip" \
                 and not request.path.startswith("/whip/"):
             return web.Response(status=204, headers=CORS_HEADERS)
+        incoming = request.headers.get("X-Request-Id", "")
+        rid = incoming if _REQUEST_ID.fullmatch(incoming) else secrets.token_hex(8)
+        request_id.set(rid)
         try:
             response = await handler(request)
         except LivedgeError as error:
@@ -224,10 +232,15 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
             log.exception("unhandled error", extra={"url": request.path})
             response = web.json_response({"message": "internal error"}, status=500)
         response.headers.update(CORS_HEADERS)
+        response.headers["X-Request-Id"] = rid
         metrics.http_requests.labels(_route_label(request), str(response.status)).inc()
         return response
 
-    app = web.Application(middlewares=[errors_and_cors], client_max_size=1024 * 1024)
+    limits = AddressLimits(LimitSettings.from_settings(settings))
+    app = web.Application(middlewares=[errors_and_cors, limits_middleware(limits)],
+                          client_max_size=1024 * 1024,
+                          handler_args=server_handler_args(settings))
+    app[LIMITS] = limits
     app[NODE] = node
     app[PUBLISHING] = publishing
     app[LOADER] = loader or (lambda: settings)
@@ -265,7 +278,7 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
             if settings.demo:
                 await node.add_demo()
             ws_ingest = WebSocketIngest(publishing, lambda: app[VERIFIER], settings.host,
-                                        settings.ws_port)
+                                        settings.ws_port, guard=limits)
             await ws_ingest.start()
         yield
         if ws_ingest is not None:

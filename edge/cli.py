@@ -49,8 +49,11 @@ def _serve(args: argparse.Namespace) -> int:
     base = f"http://{shown_host}:{settings.port}"
     log.info("livedge listening", extra={"url": base})
     if settings.demo:
-        print(f"livedge: demo stream at {base}/hls/demo/index.m3u8 "
-              f"(ffplay {base}/hls/demo/index.m3u8, or any HLS player)", file=sys.stderr)
+        try:
+            print(f"livedge: demo stream at {base}/hls/demo/index.m3u8 "
+                  f"(ffplay {base}/hls/demo/index.m3u8, or any HLS player)", file=sys.stderr)
+        except OSError:
+            pass  # stderr on a full disk (ENOSPC) or a closed pipe: a courtesy is no reason to die
     try:
         import uvloop
         runner = uvloop.run

@@ -79,6 +79,13 @@ class Settings:
     demo: bool = False
     max_sessions_per_address: int = 8  # concurrent publish sessions from one client address
     max_sessions_per_subject: int = 8  # concurrent publish sessions under one token subject
+    # Hostile clients (edge/limits.py), per client address (IPv6: per /64).
+    publish_rate: float = 10.0  # WHIP POSTs and WebSocket ingest handshakes per second
+    publish_burst: int = 20  # ... of which this many at once
+    auth_failure_limit: int = 20  # refused credentials within 10 s that lock the address out
+    auth_lockout_seconds: float = 60.0  # how long a locked-out address gets 429 for credentials
+    max_requests_per_address: int = 256  # concurrent HTTP requests (probes excluded); 0: no cap
+    http_read_timeout: float = 15.0  # seconds to send a request's headers or offer; idle time
     on_publish_url: str | None = None  # webhook: POSTed before a publish starts; non-2xx rejects it
     on_unpublish_url: str | None = None  # webhook: POSTed when a publish ends
     drain_seconds: float = 10.0  # on SIGTERM, how long publishers may take to finish
@@ -468,6 +475,12 @@ _FIELDS: dict[str, _Field] = {
     "demo": _Field("DEMO", _boolean),
     "max_sessions_per_address": _Field("MAX_SESSIONS_PER_ADDRESS", _integer(1, 100_000)),
     "max_sessions_per_subject": _Field("MAX_SESSIONS_PER_SUBJECT", _integer(1, 100_000)),
+    "publish_rate": _Field("PUBLISH_RATE", _number(0.01, 100_000, " /s")),
+    "publish_burst": _Field("PUBLISH_BURST", _integer(1, 100_000)),
+    "auth_failure_limit": _Field("AUTH_FAILURE_LIMIT", _integer(1, 1_000_000)),
+    "auth_lockout_seconds": _Field("AUTH_LOCKOUT", _number(0, 86_400)),
+    "max_requests_per_address": _Field("MAX_REQUESTS_PER_ADDRESS", _integer(0, 10_000_000)),
+    "http_read_timeout": _Field("HTTP_READ_TIMEOUT", _number(0.5, 3600)),
     "on_publish_url": _Field("ON_PUBLISH_URL", _optional_text),
     "on_unpublish_url": _Field("ON_UNPUBLISH_URL", _optional_text),
     "drain_seconds": _Field("DRAIN_SECONDS", _number(0, 3600)),

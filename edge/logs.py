@@ -44,3 +44,6 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     # aiohttp's access log would write a line per part request: far too much at LL-HLS rates.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiohttp logs each malformed request (a scanner, a fuzzer) as an ERROR with a traceback: a
+    # client can flood the log with them. Handler errors are logged by our own middleware.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import logging
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 import kinship
@@ -20,6 +20,9 @@ import kinship
 from edge.peers import PeerInfo, PeerTable, decode_meta, encode_meta
 
 log = logging.getLogger("livedge.membership")
+
+
+LAN_TIMINGS = {"probe_interval": 0.8, "probe_timeout": 0.4, "suspicion_mult": 3}
 
 
 class Membership(Protocol):
@@ -64,6 +67,11 @@ class GossipMembership:
         self._cluster: kinship.Cluster | None = None
         self._events_task: asyncio.Task | None = None
         self.events_seen = 0
+        # Counted from kinship's events: how often a peer was suspected, and declared dead
+        # (a false death under packet loss shows here even between two reads of the table).
+        self.suspicions_seen = 0
+        self.deaths_seen = 0
+        self._known: set[str] = set()  # every peer name seen, to report its tombstone state
 
     async def start(self) -> None:
         fields = dict(name=self.settings.name, bind=self.settings.bind,
@@ -72,8 +80,14 @@ class GossipMembership:
             fields["advertise"] = self.settings.advertise
         if self.settings.keys:
             fields["keys"] = [base64.b64encode(key).decode() for key in self.settings.keys]
-        preset = kinship.Config.local if self.settings.loopback else kinship.Config.lan
-        self._cluster = kinship.Cluster(preset(**fields))
+        if self.settings.loopback:
+            config = kinship.Config.local(**fields)
+        else:
+            # kinship's LAN preset declares a silent member dead ~6 s after it stops; a fleet
+            # wants its viewers routed elsewhere within 5 s. A shorter probe and suspicion keep
+            # Lifeguard's refutation and TCP fallback, so loss still causes no false deaths.
+            config = kinship.Config.lan(**fields, **LAN_TIMINGS)
+        self._cluster = kinship.Cluster(config)
         await self._cluster.start()
         self._events_task = asyncio.create_task(self._follow(), name="gossip-events")
         self._refresh()
@@ -90,9 +104,20 @@ class GossipMembership:
         self._callbacks.append(callback)
 
     def stats(self) -> dict[str, object]:
+        """Counts (``members`` and ``draining`` include suspects), the suspicions and deaths seen
+        since start, and each known peer's state as kinship holds it now (alive, suspect, dead or
+        left): which table entries are suspects, and why a peer is missing from the table."""
         peers = self.table.peers()
+        states: dict[str, str] = {}
+        if self._cluster is not None:
+            for name in sorted(self._known):
+                member = self._cluster.member(name)
+                if member is not None:
+                    states[name] = member.state.name.lower()
         return {"members": len(peers), "events": self.events_seen,
-                "draining": sum(1 for peer in peers if peer.draining)}
+                "draining": sum(1 for peer in peers if peer.draining),
+                "suspicions": self.suspicions_seen, "deaths": self.deaths_seen,
+                "states": states}
 
     async def leave(self) -> None:
         if self._cluster is None:
@@ -108,21 +133,36 @@ class GossipMembership:
 
     async def _follow(self) -> None:
         assert self._cluster is not None
-        async for _event in self._cluster.events():
+        async for event in self._cluster.events():
             self.events_seen += 1
+            if isinstance(event, kinship.MemberSuspect):
+                self.suspicions_seen += 1
+            elif isinstance(event, kinship.MemberDead):
+                self.deaths_seen += 1
             self._refresh()
 
     def _refresh(self) -> None:
-        """Rebuild the table from the members kinship holds alive (events can be coalesced or
-        lost under load; the member list is the truth)."""
+        """Rebuild the table from the members kinship holds alive or suspect (events can be
+        coalesced or lost under load; the member list is the truth).
+
+        A suspect stays in the table until it is declared dead: under packet loss suspicions come
+        and are refuted within a second, and dropping the peer each time would make its streams
+        vanish from every other edge (viewers there would get 404s). It is routed around as if
+        draining, so it is not chosen as an owner while it may be gone."""
         assert self._cluster is not None
         peers = [self._local]
         for member in self._cluster.members():
-            if member.name == self.settings.name or member.state is not kinship.State.ALIVE:
+            if member.name == self.settings.name:
+                continue
+            self._known.add(member.name)
+            if member.state not in (kinship.State.ALIVE, kinship.State.SUSPECT):
                 continue
             info = decode_meta(member.name, member.meta)
-            if info is not None:
-                peers.append(info)
+            if info is None:
+                continue
+            if member.state is kinship.State.SUSPECT:
+                info = replace(info, draining=True)
+            peers.append(info)
         self.table.replace_all(peers)
         for callback in self._callbacks:
             callback()

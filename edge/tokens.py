@@ -340,11 +340,15 @@ def _claims_from_payload(payload: dict[str, Any]) -> Claims:
     if stream_pattern is not None and (not isinstance(stream_pattern, str) or not stream_pattern):
         raise Unauthorized("malformed stream claim")
     subject = payload.get("sub")
+    try:
+        expires_at = float(payload["exp"])
+    except OverflowError:  # a signed token can still carry an absurd number
+        raise Unauthorized("malformed exp claim") from None
     return Claims(
         subject=subject if isinstance(subject, str) else None,
         scopes=scopes,
         stream_pattern=stream_pattern,
-        expires_at=float(payload["exp"]),
+        expires_at=expires_at,
         raw=payload,
     )
 

@@ -128,8 +128,12 @@ class WebRoutes:
         conditional requests get 304. Pages are only served through their routes."""
         relative = request.match_info["path"]
         root = self._root.resolve()
-        path = (root / relative).resolve()
-        if not path.is_relative_to(root) or not path.is_file() or path.suffix == ".html" \
+        try:
+            path = (root / relative).resolve()
+            found = path.is_relative_to(root) and path.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name longer than the file system allows
+            found = False
+        if not found or path.suffix == ".html" \
                 or any(part.startswith(".") for part in path.relative_to(root).parts):
             raise NotFound("no such file")
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})

@@ -44,6 +44,7 @@ log = logging.getLogger("livedge.whip")
 SDP_TYPE = "application/sdp"
 MAX_OFFER_BYTES = 64 * 1024  # browsers' offers are 3-10 KiB; FFmpeg caps its own at 8 KiB
 HANDSHAKE_TIMEOUT_ENV = "LIVEDGE_WHIP_HANDSHAKE_TIMEOUT"  # seconds; tests shorten it
+OFFER_READ_TIMEOUT = 15.0  # seconds for the whole offer body (HTTP_READ_TIMEOUT): no slow POSTs
 ENDPOINT_METHODS = "OPTIONS, GET, HEAD, POST"
 SESSION_METHODS = "OPTIONS, GET, HEAD, DELETE"
 
@@ -74,11 +75,13 @@ class WhipRoutes:
     """The ``/whip/...`` routes of one node and the sessions they created (``app[WHIP]``)."""
 
     def __init__(self, publishing: Publishing, authorize: Authorize, webrtc: WebRtcSettings, *,
-                 max_offer_bytes: int = MAX_OFFER_BYTES) -> None:
+                 max_offer_bytes: int = MAX_OFFER_BYTES,
+                 read_timeout: float = OFFER_READ_TIMEOUT) -> None:
         self._publishing = publishing
         self._authorize = authorize
         self._webrtc = webrtc
         self._max_offer_bytes = max_offer_bytes
+        self._read_timeout = read_timeout
         self._sessions: dict[str, WhipSession] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -105,7 +108,7 @@ class WhipRoutes:
             servers.append(IceServer(url))
         webrtc = WebRtcSettings(hosts=tuple(settings.webrtc_hosts), ice_servers=tuple(servers),
                                 handshake_timeout=timeout)
-        return cls(publishing, authorize, webrtc)
+        return cls(publishing, authorize, webrtc, read_timeout=settings.http_read_timeout)
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_route("OPTIONS", "/whip/{stream}", self.options_endpoint)
@@ -221,10 +224,15 @@ class WhipRoutes:
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"the offer is larger than {limit} bytes")
         body = bytearray()
-        while chunk := await request.content.read(limit + 1 - len(body)):
-            body += chunk
-            if len(body) > limit:
-                raise PayloadTooLarge(f"the offer is larger than {limit} bytes")
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                while chunk := await request.content.read(limit + 1 - len(body)):
+                    body += chunk
+                    if len(body) > limit:
+                        raise PayloadTooLarge(f"the offer is larger than {limit} bytes")
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                reason=f"the offer did not arrive within {self._read_timeout:g} s") from None
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError:

@@ -54,7 +54,8 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from edge.errors import (Conflict, Forbidden, LivedgeError, NotFound, TooManyRequests,
-                         Unavailable)
+                         Unauthorized, Unavailable)
+from edge.limits import AddressLimits, client_key, presents_credential
 from edge.names import validate_stream_name
 from edge.publish import Publication, Publishing
 from edge.tokens import Claims, Scope, TokenVerifier, bearer_token
@@ -155,12 +156,14 @@ class WebSocketIngest:
     and returns when each has ended its publication."""
 
     def __init__(self, publishing: Publishing, verifier: Callable[[], TokenVerifier], host: str,
-                 port: int, limits: IngestLimits | None = None) -> None:
+                 port: int, limits: IngestLimits | None = None,
+                 guard: AddressLimits | None = None) -> None:
         self._publishing = publishing
         self._verifier = verifier
         self._host = host
         self._requested_port = port
         self.limits = limits if limits is not None else IngestLimits.from_environment(os.environ)
+        self._guard = guard  # per-address publish rate and failed-authentication lockout
         self._server: Server | None = None
         self._admitted: WeakKeyDictionary[ServerConnection, _Admission] = WeakKeyDictionary()
 
@@ -206,12 +209,22 @@ class WebSocketIngest:
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
         """``process_request``: None lets the upgrade proceed; a response refuses it."""
+        address = client_key(str(connection.remote_address[0])
+                             if connection.remote_address else None)
+        credential = presents_credential(request.headers, parse_qs(urlsplit(request.path).query))
+        refusal = self._guard.refuse_publish(address, credential) if self._guard else None
         try:
+            if refusal is not None:
+                raise TooManyRequests(refusal.message)
             admission = self._authorize(request)
         except LivedgeError as error:
+            if self._guard and credential and isinstance(error, Unauthorized):
+                self._guard.auth_failed(address)
             response = connection.respond(error.status, json.dumps(error.to_json()))
             del response.headers["Content-Type"]  # respond() says text/plain
             response.headers["Content-Type"] = "application/json"
+            if refusal is not None:
+                response.headers["Retry-After"] = refusal.retry_after_header
             return response
         self._admitted[connection] = admission
         return None
