@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Protocol
 
@@ -32,10 +33,12 @@ class NodeView(Protocol):
 
 class ApiRoutes:
     def __init__(self, node: NodeView, metrics: Metrics,
-                 authorize: Callable[[web.Request, Scope, str | None], Claims]) -> None:
+                 authorize: Callable[[web.Request, Scope, str | None], Claims],
+                 publishers: Callable[[], dict[str, object]] = dict) -> None:
         self._node = node
         self._metrics = metrics
         self._authorize = authorize
+        self._publishers = publishers  # stream -> WebRTC publisher statistics (RTCP)
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/healthz", self.healthz)
@@ -60,6 +63,7 @@ class ApiRoutes:
         now = time.time()
         transcode = self._node.transcode_stats()
         sources = self._node.source_states()
+        publishers = self._publishers()
         streams = []
         for stats in self._node.stream_stats():
             transcoder = transcode.get(stats.name)
@@ -70,6 +74,7 @@ class ApiRoutes:
                 "viewers": self._node.viewers(stats.name),
                 "parts_produced": stats.parts_produced,
                 "source": sources.get(stats.name),
+                "publisher": _plain(publishers.get(stats.name)),
                 "transcode_realtime_factor": getattr(transcoder, "realtime_factor", None),
                 "renditions": [{
                     "name": r.name, "kind": r.kind, "width": r.width, "height": r.height,
@@ -100,3 +105,8 @@ class ApiRoutes:
         if not await self._node.remove_stream(name):
             raise NotFound(f"stream {name} is not live here")
         return web.Response(status=204)
+
+
+def _plain(value: object) -> object:
+    """A statistics dataclass as JSON-ready data (None stays None)."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value

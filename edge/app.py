@@ -33,7 +33,7 @@ from edge.membership import GossipSettings, decode_key
 from edge.peer_fill import FleetSource, timings_for
 from origin.packager import PackagerSettings
 from edge.webhooks import Webhooks
-from edge.whip import WhipRoutes
+from edge.whip import WHIP, WhipRoutes
 from edge.web import PageSettings, WebRoutes
 from edge.tokens import Claims, KeyLoadError, Scope, TokenVerifier, bearer_token
 from edge.ws_ingest import WebSocketIngest
@@ -193,6 +193,10 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
         cache_stats = staticmethod(cache.stats)
 
         @staticmethod
+        def publisher_stats():
+            return app[WHIP].stats() if WHIP in app else {}
+
+        @staticmethod
         def fleet_stats():
             return tiers.fleet.stats() if tiers and tiers.fleet else None
 
@@ -257,7 +261,8 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     app[VERIFIER] = verifier
     app[METRICS] = metrics
     hls.add_to(app)
-    ApiRoutes(node, metrics, authorize).add_to(app)
+    ApiRoutes(node, metrics, authorize,
+              publishers=lambda: app[WHIP].stats() if WHIP in app else {}).add_to(app)
     WebRoutes(node, PageSettings(settings.playback_auth == "token", settings.ws_port)).add_to(app)
     is_origin = settings.role == "origin"  # a shield and directory: nothing is published here
     if not is_origin:

@@ -89,6 +89,25 @@ class NodeCollector(Collector):
                                   value=cache.evictions)
         yield from _tier_metrics(cache, getattr(self._node, "redis_stats", lambda: None)(),
                                  getattr(self._node, "replica_stats", lambda: None)())
+        publishers = getattr(self._node, "publisher_stats", dict)()
+        if publishers:
+            bitrate = GaugeMetricFamily("livedge_publisher_bitrate_bits_per_second",
+                                        "WebRTC publisher receive bitrate (RTCP)", labels=["stream"])
+            fps = GaugeMetricFamily("livedge_publisher_frame_rate",
+                                    "WebRTC publisher decoded frames per second", labels=["stream"])
+            loss = GaugeMetricFamily("livedge_publisher_packet_loss_ratio",
+                                     "WebRTC packets lost over the last interval (0..1)",
+                                     labels=["stream", "kind"])
+            jitter = GaugeMetricFamily("livedge_publisher_jitter_seconds",
+                                       "WebRTC RTP interarrival jitter", labels=["stream", "kind"])
+            for stream, stats in publishers.items():
+                bitrate.add_metric([stream], stats.bitrate)
+                fps.add_metric([stream], max((t.frame_rate for t in stats.tracks
+                                              if t.kind == "video"), default=0.0))
+                for track in stats.tracks:
+                    loss.add_metric([stream, track.kind], track.loss)
+                    jitter.add_metric([stream, track.kind], track.jitter)
+            yield from (bitrate, fps, loss, jitter)
         fleet = getattr(self._node, "fleet_stats", lambda: None)()
         if fleet is not None:
             yield GaugeMetricFamily("livedge_peers_alive",

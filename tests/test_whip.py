@@ -150,6 +150,16 @@ async def test_aiortc_publish_plays_over_ll_hls_and_delete_ends_it(node, codec):
 
             await check_renditions_play(http, node, stream)
             assert await session_status(http, node, location) == 204
+            # RTCP publisher statistics reach the operator API and the metrics.
+            admin = {"Authorization": "Bearer " + publish_token("*", Scope.ADMIN)}
+            async with http.get(f"{node.url}/api/streams", headers=admin) as response:
+                listed = {s["name"]: s for s in (await response.json())["streams"]}
+            publisher = listed[stream]["publisher"]
+            assert publisher["bytes_received"] > 0
+            assert {track["kind"] for track in publisher["tracks"]} == {"audio", "video"}
+            _, metrics = await get(http, f"{node.url}/metrics")
+            assert f'livedge_publisher_bitrate_bits_per_second{{stream="{stream}"}}' \
+                in metrics.decode()
 
             assert await delete_session(http, node, location, stream) == 200
             assert await session_status(http, node, location) == 404
