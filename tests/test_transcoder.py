@@ -74,7 +74,11 @@ def shifted(frames: list[av.frame.Frame], seconds: float) -> list[av.frame.Frame
 
 async def transcode(sink: RecordingSink, feed, rungs=RUNGS, segment_duration: float = 1.0,
                     **options) -> LadderTranscoder:
-    """Run ``feed(transcoder)`` on a producer thread, close, and wait for sink.end()."""
+    """Run ``feed(transcoder)`` on a producer thread, close, and wait for sink.end(). Unless a test
+    says otherwise, the producer waits for queue room (as a file transcoded unpaced would): a busy
+    CI machine must not turn a test of alignment into a test of dropping."""
+    if options.get("queue_frames") is None:
+        options.setdefault("block_on_full", 10.0)
     transcoder = LadderTranscoder(sink, asyncio.get_running_loop(), rungs,
                                   segment_duration=segment_duration, **options)
 
