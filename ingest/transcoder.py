@@ -229,6 +229,9 @@ class LadderTranscoder:
         self._closed = True
         if self._audio is not None:
             self._audio_frames += self._audio.flush()
+            # The encoder refers back to us (bound methods): dropping it now frees its resampler's
+            # filter graph, whose worker threads would otherwise live until a full cyclic GC.
+            self._audio = None
         self._stop_workers()
         self._call_on_loop(self._sink.end)
 
@@ -405,6 +408,9 @@ class _RungWorker:
             item = self._queue.get()
             if item is _STOP:
                 self._encode(None)
+                # Free x264 and swscale now: this worker stays referenced (stats) in a cycle
+                # with the transcoder, which only a full cyclic GC would collect.
+                self._encoder = self._reformatter = None
                 return
             if isinstance(item, _Drain):
                 item.done.set()
