@@ -197,6 +197,9 @@ class MemoryCache:
 
     def _evict_to_budget(self) -> None:
         while self._bytes > self.max_bytes and len(self._evictable):
-            _, entry = self._evictable.popitem()  # least recently used
+            # Not popitem(): lru-dict 1.4's popitem leaks the (key, value) tuple it returns, and
+            # with it every evicted object (amitdev/lru-dict#64). peek + del releases them.
+            key, entry = self._evictable.peek_last_item()  # least recently used
+            del self._evictable[key]
             self._bytes -= len(entry.value)
             self._evictions += 1
