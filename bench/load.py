@@ -303,6 +303,7 @@ class StepResult:
     rss_before: int
     rss_after: int
     limit: float
+    others: float  # cores used by other processes of the machine during the step
 
     @property
     def p99(self) -> float | None:
@@ -330,14 +331,19 @@ def run_step(node: NodeProcess, playlists: list[str], viewers: int, seconds: flo
     try:
         time.sleep(ramp + 3)
         loaded_start = node.sample()
+        others_before = others_cpu({node.pid, os.getpid(), client.pid})
+        time.sleep(seconds * 0.9)
+        others_after = others_cpu({node.pid, os.getpid(), client.pid})
+        loaded_end = node.sample()
         out, _ = client.communicate(timeout=ramp + seconds + 60)
     finally:
         if client.poll() is None:
             client.kill()
             client.wait()
-    after = node.sample()
     report = json.loads(out)
-    return StepResult(viewers, report, cpu_share(loaded_start, after), before.rss, after.rss, limit)
+    return StepResult(viewers, report, cpu_share(loaded_start, loaded_end), before.rss,
+                      loaded_end.rss, limit,
+                      (others_after - others_before) / (loaded_end.at - loaded_start.at))
 
 
 def format_ms(value: float | None) -> str:
@@ -346,9 +352,9 @@ def format_ms(value: float | None) -> str:
 
 def table(results: list[StepResult]) -> str:
     lines = ["| viewers | parts/s | delivery p50 | p99 | max | part GET p99 | listing vs PDT p50 / p99 "
-             "| errors | node CPU | generator CPU | generator lag p99 | node RSS per viewer "
-             "| verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| errors | node CPU | generator CPU | other CPU | generator lag p99 "
+             "| node RSS per viewer | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         report = result.report
         per_viewer = (result.rss_after - result.rss_before) / result.viewers
@@ -361,6 +367,7 @@ def table(results: list[StepResult]) -> str:
             f"{format_ms(listing['p50'])} / {format_ms(listing['p99'])} | "
             f"{sum(errors.values()) or 0}{' ' + json.dumps(errors) if errors else ''} | "
             f"{result.node_cpu * 100:.0f}% | {report['generator_cpu'] * 100:.0f}% | "
+            f"{result.others * 100:.0f}% | "
             f"{format_ms(report['generator_loop_lag_p99'])} | {per_viewer / 1024:.0f} KiB | "
             f"{'ok' if result.passed else 'FAIL'} |")
     return "\n".join(lines)
@@ -399,6 +406,8 @@ def main() -> None:
                 if time.monotonic() - started + args.seconds + 30 > args.budget:
                     print("time budget spent", file=sys.stderr)
                     break
+                busy = wait_for_quiet(limit=0.3 + idle_cpu)
+                print(f"machine busy before {viewers} viewers: {busy:.2f} cores", file=sys.stderr)
                 result = run_step(node, playlists, viewers, args.seconds, args.limit_ms / 1000)
                 result.report["_seconds"] = args.seconds
                 results.append(result)
