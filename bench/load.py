@@ -4,9 +4,9 @@ One ``livedge serve`` process on 127.0.0.1 produces two live ladders: ``--demo``
 pattern) and a pulled file (``PULL_STREAMS``, a 640x360 lavfi file made here, reconnected with one
 discontinuity when it ends). The load generator, ``bench.loadclient``, runs in a separate process:
 viewers spread round-robin over every video rendition of both streams, each also following its
-stream's audio playlist (as a player of separate audio does), with blocking reloads and a GET of every
-new part. The viewer count steps up (50, 100, 200, 400, 800, ...) until a step fails (p99 delivery
-over the limit, any error or non-200 answer) or the step or time budget is spent.
+stream's audio playlist (as a player of separate audio does), with blocking reloads and a GET of
+every new part. The viewer count steps up (50, 100, 200, 400, 800, ...) until a step fails (p99
+delivery over the limit, any error or non-200 answer) or the step or time budget is spent.
 
 Delivery latency: the part's bytes received by a viewer minus the part's production time, estimated
 from the playlist (segment ``EXT-X-PROGRAM-DATE-TIME`` + part durations, see
@@ -351,9 +351,9 @@ def format_ms(value: float | None) -> str:
 
 
 def table(results: list[StepResult]) -> str:
-    lines = ["| viewers | parts/s | delivery p50 | p99 | max | part GET p99 | listing vs PDT p50 / p99 "
-             "| errors | node CPU | generator CPU | other CPU | generator lag p99 "
-             "| node RSS per viewer | verdict |",
+    lines = ["| viewers | parts/s | delivery p50 | p99 | max | part GET p99 "
+             "| listing vs PDT p50 / p99 | errors | node CPU | generator CPU | other CPU "
+             "| generator lag p99 | node RSS per viewer | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         report = result.report
@@ -398,8 +398,9 @@ def main() -> None:
             idle = node.sample()
             time.sleep(3)
             idle_cpu = cpu_share(idle, node.sample())
-            print(f"node pid {node.pid}, idle (two ladders transcoding): CPU {idle_cpu * 100:.0f}%, "
-                  f"RSS {idle.rss / 2**20:.0f} MiB; following {', '.join(playlists)} + audio",
+            print(f"node pid {node.pid}, idle (two ladders transcoding): "
+                  f"CPU {idle_cpu * 100:.0f}%, RSS {idle.rss / 2**20:.0f} MiB; "
+                  f"following {', '.join(playlists)} + audio",
                   file=sys.stderr)
             results: list[StepResult] = []
             for viewers in steps:

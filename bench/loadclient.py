@@ -120,7 +120,7 @@ def _parse_date(raw: bytes) -> float:
     return datetime.fromisoformat(raw.decode().replace("Z", "+00:00")).timestamp()
 
 
-# -- HTTP -------------------------------------------------------------------------------------------
+# -- HTTP ------------------------------------------------------------------------------------------
 class HttpError(Exception):
     pass
 

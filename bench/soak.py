@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -72,7 +72,7 @@ SEGMENT = 1.0
 WINDOW_SEGMENTS = 4
 
 
-# -- our own redis-server ----------------------------------------------------------------------------
+# -- our own redis-server --------------------------------------------------------------------------
 class RedisProcess:
     """A ``redis-server`` on a free 127.0.0.1 port, without persistence; ``stop`` is SIGKILL (a
     crash: a restarted server comes back empty)."""
@@ -124,7 +124,7 @@ def redis_process(directory: Path) -> Iterator[RedisProcess]:
         server.stop()
 
 
-# -- a fleet on 127.0.0.1 -----------------------------------------------------------------------------
+# -- a fleet on 127.0.0.1 --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FleetMember:
     """Ports and names of one node of a loopback fleet, fixed so it can be restarted as itself."""
@@ -154,7 +154,7 @@ def gossip_key() -> str:
     return base64.b64encode(os.urandom(32)).decode()
 
 
-# -- publishers ---------------------------------------------------------------------------------------
+# -- publishers ------------------------------------------------------------------------------------
 def encode_ts(seconds: float, size: tuple[int, int] = (320, 180), rate: int = 30,
               sizes: tuple[tuple[float, tuple[int, int]], ...] = ()) -> bytes:
     """``seconds`` of lavfi testsrc2 and a 440 Hz tone as H.264/AAC in MPEG-TS. ``sizes``: from
@@ -245,7 +245,7 @@ async def publish_ws(ws_url: str, stream: str, data: bytes, seconds: float,
     return "ok"
 
 
-# -- the run ------------------------------------------------------------------------------------------
+# -- the run ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SoakSettings:
     duration: float = 120.0  # seconds
@@ -356,7 +356,8 @@ async def sample_node(node: NodeProcess, started: float) -> NodeSample:
     text = body.decode(errors="replace") if status == 200 else ""
     return NodeSample(time.monotonic() - started, process.rss, process.fds, process.threads,
                       _metric(text, "livedge_streams_live"),
-                      _metric(text, "livedge_blocked_requests"), _metric(text, "livedge_cache_bytes"))
+                      _metric(text, "livedge_blocked_requests"),
+                      _metric(text, "livedge_cache_bytes"))
 
 
 async def _redis_writing(node: NodeProcess, timeout: float) -> float | None:

@@ -330,10 +330,11 @@ def run_step(node, path: str, count: int, seconds: float, offset: float,
         pool.start_reloading()
         pool.run_for(2.0)  # everyone settles into the blocking rhythm
         if profile_to is not None:
-            spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
-                                    str(node.pid), "--duration", str(int(seconds)), "--rate", "200",
-                                    "--output", str(profile_to), "--nonblocking",
-                                    "--format", "raw" if profile_to.suffix == ".txt" else "flamegraph"],
+            py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            output = "raw" if profile_to.suffix == ".txt" else "flamegraph"
+            spy = subprocess.Popen([py_spy, "record", "--pid", str(node.pid), "--duration",
+                                    str(int(seconds)), "--rate", "200", "--output", str(profile_to),
+                                    "--nonblocking", "--format", output],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         loaded = node.sample()
         others_before = others_cpu({node.pid, os.getpid()})
@@ -355,7 +356,7 @@ def run_step(node, path: str, count: int, seconds: float, offset: float,
                 spy.wait()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     figures = summarize(pool, offset)
-    generator = ((usage.ru_utime + usage.ru_stime) - (usage_before.ru_utime + usage_before.ru_stime))
+    generator = (usage.ru_utime + usage.ru_stime) - (usage_before.ru_utime + usage_before.ru_stime)
     background = max(0.0, others_after - others_before) / (after.at - loaded.at)
     return StepResult(
         waiters=count, connected=connected, parts=figures["parts"],
@@ -380,7 +381,8 @@ def table(results: list[StepResult]) -> str:
     for r in results:
         errors = sum(r.errors.values())
         lines.append(
-            f"| {r.waiters:,} | {r.connected:,} | {r.parts} | {_ms(r.last_p50)} | {_ms(r.last_p99)} "
+            f"| {r.waiters:,} | {r.connected:,} | {r.parts} | {_ms(r.last_p50)} "
+            f"| {_ms(r.last_p99)} "
             f"| {_ms(r.last_max)} | {_ms(r.answer_p99)} | {_ms(r.spread_p99)} | "
             f"{r.late_answers / max(1, r.late_answers + r.blocked_answers):.0%} | "
             f"{errors}{' ' + str(r.errors) if errors else ''} | {r.node_cpu * 100:.0f}% "

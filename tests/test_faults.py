@@ -35,7 +35,8 @@ SMALL = {"SEGMENT_DURATION": "1", "PART_DURATION": "0.25"}
 DISCONTINUITY = "#EXT-X-DISCONTINUITY\n"
 
 
-def follow_for(node: NodeProcess, playlist: str, seconds: float, stats: ViewerStats) -> asyncio.Task:
+def follow_for(node: NodeProcess, playlist: str, seconds: float,
+               stats: ViewerStats) -> asyncio.Task:
     settings = FollowSettings("127.0.0.1", node.port, 0.0, time.time() + seconds)
     return asyncio.create_task(follow(playlist, settings, stats))
 
@@ -213,7 +214,7 @@ async def test_a_node_whose_log_writes_fail_keeps_serving(tmp_path):
     assert code == 0
 
 
-# -- a 4K publisher on a 1080p ladder ----------------------------------------------------------------
+# -- a 4K publisher on a 1080p ladder --------------------------------------------------------------
 @dataclass
 class FourK:
     multivariant: str
@@ -258,7 +259,7 @@ def test_a_4k_source_keeps_its_frame_rate(four_k):
     assert re.findall(r"FRAME-RATE=([\d.]+)", four_k.multivariant) == ["10.000", "10.000"]
 
 
-# -- a resolution change mid-stream ------------------------------------------------------------------
+# -- a resolution change mid-stream ----------------------------------------------------------------
 @dataclass
 class ResolutionChange:
     viewers: dict[str, ViewerStats]
