@@ -12,6 +12,7 @@ import pytest
 
 from ingest.container import (PROBE_HEAD_BYTES, ByteStreamReader, ContainerDemuxer, ContainerFormat,
                               UnsupportedMedia, probe_container)
+from tests.media_files import encode_lavfi
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,28 +24,12 @@ def encode_test_media(container: str, video_codec: str, audio_codec: str, *, sec
                       size: tuple[int, int] = (320, 180), rate: int = 30,
                       options: dict[str, str] | None = None) -> bytes:
     """``seconds`` of lavfi testsrc2 and a 440 Hz sine, encoded into an in-memory ``container``."""
-    graph = (f"testsrc2=size={size[0]}x{size[1]}:rate={rate}[out0];"
-             "sine=frequency=440:sample_rate=48000[out1]")
     video_options = {"libx264": {"preset": "ultrafast", "g": str(rate)},
                      "libvpx": {"deadline": "realtime", "cpu-used": "8"},
                      "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8"}}.get(video_codec, {})
     buffer = io.BytesIO()
-    with av.open(graph, format="lavfi") as source, \
-            av.open(buffer, "w", format=container, options=options or {}) as target:
-        video = target.add_stream(video_codec, rate=rate, options=video_options)
-        video.width, video.height, video.pix_fmt = size[0], size[1], "yuv420p"
-        audio = target.add_stream(audio_codec, rate=48_000)
-        finished = set()
-        for frame in source.decode(source.streams.video[0], source.streams.audio[0]):
-            stream = video if isinstance(frame, av.VideoFrame) else audio
-            if frame.time >= seconds:
-                finished.add(stream.type)
-                if len(finished) == 2:
-                    break
-                continue
-            target.mux(stream.encode(frame))
-        target.mux(video.encode(None))
-        target.mux(audio.encode(None))
+    encode_lavfi(buffer, seconds, size, rate, video_codec, audio_codec, container, options,
+                 video_options)
     return buffer.getvalue()
 
 
