@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from edge.cache import CacheStats
 from edge.hls import HlsCounters
+from edge.limits import LimitStats
 from edge.redis_tier import RedisTierStats
 from edge.replica import ReplicaStats
 from origin.live import StreamStats
@@ -36,6 +37,9 @@ class NodeSnapshots(Protocol):
     def redis_stats(self) -> RedisTierStats | None: ...
 
     def replica_stats(self) -> ReplicaStats | None: ...
+
+    # Per-address limits; None when the node has none. Optional: read with getattr.
+    def limit_stats(self) -> LimitStats | None: ...
 
 
 class NodeCollector(Collector):
@@ -118,6 +122,7 @@ class NodeCollector(Collector):
                                       value=fleet["upstream_fetches"])
             yield CounterMetricFamily("livedge_fleet_served_to_peers",
                                       "Objects served to other edges", value=fleet["served_to_peers"])
+        yield from _limit_metrics(getattr(self._node, "limit_stats", lambda: None)())
         hls = self._node.hls_counters()
         yield GaugeMetricFamily("livedge_blocked_requests", "Requests held for a part right now",
                                 value=hls.blocked_requests)
@@ -126,6 +131,19 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("livedge_blocked_request_timeouts",
                                   "Held requests answered 503 after the spec's timeout",
                                   value=hls.block_timeouts)
+        lane = getattr(self._node, "lane_stats", lambda: None)()
+        if lane is not None:
+            yield GaugeMetricFamily("livedge_http_connections", "Open HTTP connections",
+                                    value=lane.connections)
+            yield CounterMetricFamily("livedge_fast_lane_answers",
+                                      "HLS requests answered by the fast lane (edge/fastlane.py)",
+                                      value=lane.answered)
+            yield CounterMetricFamily("livedge_fast_lane_handovers",
+                                      "Connections the fast lane handed to aiohttp",
+                                      value=lane.handed_over)
+            yield CounterMetricFamily("livedge_http_connections_refused",
+                                      "Connections refused over MAX_CONNECTIONS_PER_ADDRESS",
+                                      value=lane.connections_refused)
 
 
 def _tier_metrics(memory: CacheStats, redis: RedisTierStats | None, replicas: ReplicaStats | None
@@ -183,6 +201,23 @@ def _tier_metrics(memory: CacheStats, redis: RedisTierStats | None, replicas: Re
         yield CounterMetricFamily("livedge_tier_unavailable",
                                   "Object requests answered 503: only Redis had them, and it was "
                                   "down", value=replicas.reader.unavailable)
+
+
+def _limit_metrics(limits: LimitStats | None) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+    """Per-address limits (edge/limits.py): what they refused, and who is locked out now."""
+    if limits is None:
+        return
+    refusals = CounterMetricFamily("livedge_limit_refusals",
+                                   "Requests refused by a per-address limit", labels=["reason"])
+    refusals.add_metric(["publish"], limits.publish_refused)
+    refusals.add_metric(["auth"], limits.auth_refused)
+    refusals.add_metric(["requests"], limits.requests_refused)
+    yield refusals
+    yield CounterMetricFamily("livedge_limit_lockouts",
+                              "Addresses locked out after repeated failed authentications",
+                              value=limits.lockouts)
+    yield GaugeMetricFamily("livedge_limit_locked_addresses",
+                            "Addresses locked out right now", value=limits.locked_addresses)
 
 
 class Metrics:

@@ -12,8 +12,9 @@ import asyncio
 import logging
 import secrets
 from collections import Counter
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from edge.errors import Conflict, TooManyRequests, Unavailable
 from edge.node import Node
@@ -76,6 +77,12 @@ class Publishing:
         self._webhooks = webhooks
         self._active: dict[str, Publication] = {}
         self._grace: dict[str, asyncio.Task] = {}
+        # One lock per stream with a begin or an end under way. Ending awaits the transcoder close
+        # between dropping the publication and starting the grace period; a publisher returning
+        # in that window found the stream neither published nor in grace (a wrong 409, issue #8).
+        # Holding the lock across both steps makes it wait for the close and then continue.
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: Counter[str] = Counter()
         self._per_address: Counter[str] = Counter()
         self._per_subject: Counter[str] = Counter()
         # The fleet: which other edge ingests a stream (None: none, or no fleet).
@@ -99,7 +106,8 @@ class Publishing:
         self._per_address[address] += 1
         self._per_subject[subject] += 1
         try:
-            return await self._begin(stream, claims, address, subject, kind)
+            async with self._exclusive(stream):
+                return await self._begin(stream, claims, address, subject, kind)
         except BaseException:
             self._release(address, subject)
             raise
@@ -133,14 +141,20 @@ class Publishing:
         return publication
 
     async def end(self, publication: Publication) -> None:
-        """The publisher is gone: flush its transcoder and start the grace period. Idempotent."""
+        """The publisher is gone: flush its transcoder and start the grace period. Idempotent.
+
+        A publisher of the same stream that comes meanwhile waits until this returns, then
+        continues the stream as after any grace period."""
         if publication.ended:
             return
-        await self._finish(publication)
         stream = publication.stream_name
-        if self._active.get(stream) is None and stream not in self._grace:
-            self._grace[stream] = asyncio.create_task(self._expire(stream),
-                                                      name=f"grace:{stream}")
+        async with self._exclusive(stream):
+            if publication.ended:  # taken over (or shut down) while we waited for the lock
+                return
+            await self._finish(publication)
+            if self._active.get(stream) is None and stream not in self._grace:
+                self._grace[stream] = asyncio.create_task(self._expire(stream),
+                                                          name=f"grace:{stream}")
         self._webhooks.on_unpublish(stream, publication.subject, publication.address,
                                     publication.kind)
 
@@ -162,6 +176,20 @@ class Publishing:
         await asyncio.sleep(self._settings.segment_duration * self._settings.window_segments)
         self._grace.pop(stream, None)
         await self._node.remove_stream(stream)
+
+    @asynccontextmanager
+    async def _exclusive(self, stream: str) -> AsyncIterator[None]:
+        """Serialize the begins and ends of one stream (each has awaits: webhook, transcoder close)."""
+        lock = self._locks.setdefault(stream, asyncio.Lock())
+        self._lock_users[stream] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[stream] -= 1
+            if self._lock_users[stream] <= 0:
+                del self._lock_users[stream]
+                del self._locks[stream]
 
     def _ended(self, stream: str) -> bool:
         live = self._node.live_stream(stream)

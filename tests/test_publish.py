@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 
 import av
 import pytest
 from aiohttp import web
 
+import edge.node
 from edge.cache import MemoryCache
 from edge.config import load_settings
 from edge.errors import Conflict, Forbidden, TooManyRequests
@@ -21,6 +23,7 @@ from edge.node import Node
 from edge.publish import Publication, Publishing
 from edge.tokens import Claims, Scope
 from edge.webhooks import Webhooks
+from ingest.transcoder import LadderTranscoder
 from tests.conftest import free_port
 
 
@@ -169,3 +172,71 @@ async def test_on_publish_webhook_can_reject_with_a_reason():
         await publishing.close()
         await node.close()
         await runner.cleanup()
+
+
+class GatedCloseTranscoder(LadderTranscoder):
+    """A real ladder transcoder whose ``close()`` (run off the loop by Publishing) waits for the
+    test to open its gate, holding a publisher's end in the middle of its transcoder close."""
+
+    closing = threading.Event()  # set when a close has started
+    gate = threading.Event()  # the close goes on once this is set
+
+    def close(self) -> None:
+        type(self).closing.set()
+        assert type(self).gate.wait(timeout=30), "the test never opened the close gate"
+        super().close()
+
+
+@pytest.fixture
+def gated_close(monkeypatch):
+    class Gated(GatedCloseTranscoder):
+        closing = threading.Event()
+        gate = threading.Event()
+
+    monkeypatch.setattr(edge.node, "LadderTranscoder", Gated)
+    yield Gated
+    Gated.gate.set()  # never leave a close thread blocked
+
+
+async def test_a_publisher_returning_while_the_last_close_runs_waits_and_continues(
+        publishing, gated_close):
+    # Issue #8: end() used to drop the publication, then await the transcoder close, and only then
+    # start the grace period; a publisher reconnecting in between (the WebSocket closes before end()
+    # runs) found the stream neither published nor in grace and got 409 "already live here".
+    node = publishing._node
+    first = await publishing.begin("cam", claims(), "10.0.0.1", "test")
+    stream = node.live_stream("cam")
+    ending = asyncio.create_task(publishing.end(first))
+    assert await asyncio.to_thread(gated_close.closing.wait, 10)
+    returning = asyncio.create_task(publishing.begin("cam", claims(), "10.0.0.1", "test"))
+    for _ in range(20):  # let it run as far as it can while the close is held
+        await asyncio.sleep(0)
+    if returning.done():
+        returning.result()  # raised the wrong 409 before the fix
+    assert not returning.done(), "the returning publisher must wait for the close to finish"
+    gated_close.gate.set()
+    await ending
+    second = await returning
+    assert publishing.active("cam") is second and not second.ended
+    assert node.live_stream("cam") is stream  # the same playlists carry on, as after a grace
+    await asyncio.sleep(node.settings.publish_grace_seconds + 0.5)
+    assert not stream.ended  # the first session's grace period did not end the second's stream
+    await publishing.end(second)
+
+
+async def test_a_second_publisher_during_a_takeover_close_is_told_the_stream_is_published(
+        publishing, gated_close):
+    first = await publishing.begin("cam", claims(), "10.0.0.1", "test")
+    takeover = asyncio.create_task(
+        publishing.begin("cam", claims("bob", takeover=True), "10.0.0.2", "test"))
+    assert await asyncio.to_thread(gated_close.closing.wait, 10)
+    assert first.ended
+    late = asyncio.create_task(publishing.begin("cam", claims("carol"), "10.0.0.3", "test"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    gated_close.gate.set()
+    second = await takeover
+    with pytest.raises(Conflict, match="already being published"):
+        await late
+    assert publishing.active("cam") is second
+    await publishing.end(second)

@@ -1,0 +1,100 @@
+"""Metrics (edge/metrics.py) read from snapshots at scrape time: the per-address limit families.
+
+The snapshots are real objects (a memory cache, HLS counters, ``AddressLimits`` with a clock the
+test moves by hand); the exposition text is parsed back with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge.cache import MemoryCache
+from edge.hls import HlsCounters
+from edge.limits import AddressLimits, LimitSettings
+from edge.metrics import Metrics
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Snapshots:
+    """What edge/app.py hands the collector, minus the optional parts."""
+
+    def __init__(self) -> None:
+        self.cache = MemoryCache(1024 * 1024)
+        self.counters = HlsCounters()
+
+    def stream_stats(self):
+        return []
+
+    def transcode_stats(self):
+        return {}
+
+    def cache_stats(self):
+        return self.cache.stats()
+
+    def hls_counters(self):
+        return self.counters
+
+
+class SnapshotsWithLimits(Snapshots):
+    def __init__(self, limits: AddressLimits | None) -> None:
+        super().__init__()
+        self.limits = limits
+
+    def limit_stats(self):
+        return self.limits.stats() if self.limits else None
+
+
+def scrape(snapshots) -> dict[str, float]:
+    """Every sample of one scrape, keyed ``name{label="value",...}``."""
+    text = Metrics(snapshots).render().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def test_limit_refusals_lockouts_and_locked_addresses_are_exported():
+    clock = Clock()
+    limits = AddressLimits(LimitSettings(publish_rate=1, publish_burst=2, auth_failure_limit=2,
+                                         auth_failure_window=10, auth_lockout=30,
+                                         max_requests_per_address=1), clock)
+    snapshots = SnapshotsWithLimits(limits)
+    before = scrape(snapshots)
+    assert before['livedge_limit_refusals_total{reason="publish"}'] == 0
+    assert before["livedge_limit_lockouts_total"] == 0
+    assert before["livedge_limit_locked_addresses"] == 0
+
+    assert [limits.admit_publish("a") is None for _ in range(4)] == [True, True, False, False]
+    for address in ("b", "c"):  # two addresses fail twice: two lockouts
+        limits.auth_failed(address)
+        limits.auth_failed(address)
+    assert limits.check_auth("b") is not None
+    assert limits.enter("d") is None and limits.enter("d") is not None
+    during = scrape(snapshots)
+    assert during['livedge_limit_refusals_total{reason="publish"}'] == 2
+    assert during['livedge_limit_refusals_total{reason="auth"}'] == 1
+    assert during['livedge_limit_refusals_total{reason="requests"}'] == 1
+    assert during["livedge_limit_lockouts_total"] == 2
+    assert during["livedge_limit_locked_addresses"] == 2
+
+    clock.now += 31  # the lockouts are over; the counters stay
+    after = scrape(snapshots)
+    assert after["livedge_limit_locked_addresses"] == 0
+    assert after["livedge_limit_lockouts_total"] == 2
+    assert after['livedge_limit_refusals_total{reason="auth"}'] == 1
+
+
+def test_snapshots_without_limits_export_no_limit_families():
+    for snapshots in (Snapshots(), SnapshotsWithLimits(None)):  # not wired yet; wired, no limits
+        samples = scrape(snapshots)
+        assert "livedge_cache_bytes" in samples  # the rest of the scrape is unaffected
+        assert not [name for name in samples if name.startswith("livedge_limit_")]
