@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 import socket
 from contextlib import suppress
@@ -20,7 +19,8 @@ from edge.api import ApiRoutes
 from edge.cache import MemoryCache
 from edge.config import ConfigError, Settings
 from edge.errors import LivedgeError
-from edge.logs import request_id
+from edge.logs import request_id, request_id_for
+from edge.fastlane import LaneStats
 from edge.hls import HlsRoutes, HlsSettings
 from edge.metrics import Metrics
 from edge.node import Node
@@ -43,12 +43,12 @@ from origin.live import LiveSettings
 log = logging.getLogger("livedge.app")
 
 NODE = web.AppKey("node", Node)
+HLS = web.AppKey("hls", HlsRoutes)
+LANE_STATS = web.AppKey("lane_stats", LaneStats)  # filled by the fast lane edge/serve.py starts
 PUBLISHING = web.AppKey("publishing", Publishing)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 METRICS = web.AppKey("metrics", Metrics)
 LOADER = web.AppKey("loader", Callable[[], Settings])
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a client's id is echoed only when it is this tame
 
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -212,6 +212,14 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
         def hls_counters():
             return hls.counters
 
+        @staticmethod
+        def limit_stats():
+            return limits.stats()
+
+        @staticmethod
+        def lane_stats():
+            return app[LANE_STATS]
+
     metrics = Metrics(Snapshots())
 
     def authorize(request: web.Request, scope: Scope, stream: str | None) -> Claims:
@@ -223,8 +231,7 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
         if request.method == "OPTIONS" and request.path != "/whip" \
                 and not request.path.startswith("/whip/"):
             return web.Response(status=204, headers=CORS_HEADERS)
-        incoming = request.headers.get("X-Request-Id", "")
-        rid = incoming if _REQUEST_ID.fullmatch(incoming) else secrets.token_hex(8)
+        rid = request_id_for(request.headers.get("X-Request-Id"))
         request_id.set(rid)
         try:
             response = await handler(request)
@@ -261,6 +268,8 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     app[VERIFIER] = verifier
     app[METRICS] = metrics
     hls.add_to(app)
+    app[HLS] = hls
+    app[LANE_STATS] = LaneStats()
     ApiRoutes(node, metrics, authorize,
               publishers=lambda: app[WHIP].stats() if WHIP in app else {}).add_to(app)
     WebRoutes(node, PageSettings(settings.playback_auth == "token", settings.ws_port)).add_to(app)

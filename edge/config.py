@@ -86,6 +86,9 @@ class Settings:
     auth_lockout_seconds: float = 60.0  # how long a locked-out address gets 429 for credentials
     max_requests_per_address: int = 256  # concurrent HTTP requests (probes excluded); 0: no cap
     http_read_timeout: float = 15.0  # seconds to send a request's headers or offer; idle time
+    max_connections_per_address: int = 1024  # open HTTP connections of one address; 0: no cap
+    listen_backlog: int = 4096  # the HTTP socket's accept queue (the kernel caps it at somaxconn)
+    fast_lane: bool = True  # hot HLS requests answered without aiohttp (edge/fastlane.py)
     on_publish_url: str | None = None  # webhook: POSTed before a publish starts; non-2xx rejects it
     on_unpublish_url: str | None = None  # webhook: POSTed when a publish ends
     drain_seconds: float = 10.0  # on SIGTERM, how long publishers may take to finish
@@ -481,6 +484,10 @@ _FIELDS: dict[str, _Field] = {
     "auth_lockout_seconds": _Field("AUTH_LOCKOUT", _number(0, 86_400)),
     "max_requests_per_address": _Field("MAX_REQUESTS_PER_ADDRESS", _integer(0, 10_000_000)),
     "http_read_timeout": _Field("HTTP_READ_TIMEOUT", _number(0.5, 3600)),
+    "max_connections_per_address": _Field("MAX_CONNECTIONS_PER_ADDRESS",
+                                          _integer(0, 10_000_000)),
+    "listen_backlog": _Field("LISTEN_BACKLOG", _integer(1, 1_000_000)),
+    "fast_lane": _Field("FAST_LANE", _boolean),
     "on_publish_url": _Field("ON_PUBLISH_URL", _optional_text),
     "on_unpublish_url": _Field("ON_UNPUBLISH_URL", _optional_text),
     "drain_seconds": _Field("DRAIN_SECONDS", _number(0, 3600)),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol
 from urllib.parse import quote
 
 from aiohttp import web
@@ -20,6 +20,7 @@ from origin.live import ANY_RENDITION, LiveStream
 from origin.rendition import Readiness
 
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
+PLAYLIST_CACHE_CONTROL = "no-cache"
 _HLS_NUMBER_MAX = 2**53  # larger _HLS_msn/_HLS_part values are nonsense, not big numbers
 _OBJECT_NAME_MAX = 64
 
@@ -43,8 +44,8 @@ class HlsCounters:
     block_timeouts: int = 0
 
 
-def _int_param(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name)
+def _int_param(query: Mapping[str, str], name: str) -> int | None:
+    raw = query.get(name)
     if raw is None:
         return None
     if not raw.isascii() or not raw.isdigit() or len(raw) > 16 or int(raw) > _HLS_NUMBER_MAX:
@@ -52,13 +53,37 @@ def _int_param(request: web.Request, name: str) -> int | None:
     return int(raw)
 
 
-def _skip_param(request: web.Request) -> bool:
-    raw = request.query.get("_HLS_skip")
+def _skip_param(query: Mapping[str, str]) -> bool:
+    raw = query.get("_HLS_skip")
     if raw is None:
         return False
     if raw not in ("YES", "v2"):
         raise BadRequest("_HLS_skip must be YES or v2")
     return True
+
+
+@dataclass(frozen=True)
+class ReloadQuery:
+    """The blocking-reload and delta-update parameters of a media playlist request."""
+
+    msn: int | None
+    part: int | None
+    skip: bool
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str]) -> ReloadQuery:
+        msn, part = _int_param(query, "_HLS_msn"), _int_param(query, "_HLS_part")
+        skip = _skip_param(query)
+        if part is not None and msn is None:
+            raise BadRequest("_HLS_part needs _HLS_msn")
+        return cls(msn, part, skip)
+
+
+def object_name(name: str) -> str:
+    """``name`` if it may name an object of a rendition; NotFound otherwise."""
+    if len(name) > _OBJECT_NAME_MAX or not name.isascii():
+        raise NotFound("no such object")
+    return name
 
 
 class HlsRoutes:
@@ -78,13 +103,20 @@ class HlsRoutes:
         app.router.add_get("/hls/{stream}/{rendition}/index.m3u8", self.media_playlist)
         app.router.add_get("/hls/{stream}/{rendition}/{name}", self.media_object)
 
-    # -- helpers ------------------------------------------------------------------------------------------
-    def _stream(self, request: web.Request) -> tuple[LiveStream, str]:
+    # -- shared with the fast lane (edge/fastlane.py) ------------------------------------------------
+    @property
+    def settings(self) -> HlsSettings:
+        return self._settings
+
+    @property
+    def object_cache_control(self) -> str:
+        return f"public, max-age={self._settings.object_max_age}"
+
+    def locate(self, stream_name: str, token: str | None) -> tuple[LiveStream, str]:
         """The live stream named in the URL and the query to carry onto listed URIs."""
-        name = validate_stream_name(request.match_info["stream"])
+        name = validate_stream_name(stream_name)
         query = ""
         if self._settings.playback_auth:
-            token = request.query.get("token")
             self._verifier().verify(token or "", Scope.PLAY, name)
             query = "token=" + quote(token or "", safe="")
         stream = self._streams.live_stream(name)
@@ -92,11 +124,23 @@ class HlsRoutes:
             raise NotFound(f"stream {name} is not live here")
         return stream, query
 
-    def _rendition(self, request: web.Request, stream: LiveStream) -> str:
-        rendition = validate_rendition_name(request.match_info["rendition"])
+    @staticmethod
+    def rendition_of(stream: LiveStream, rendition_name: str) -> str:
+        rendition = validate_rendition_name(rendition_name)
         if not stream.has_rendition(rendition):
             raise NotFound(f"stream {stream.name} has no rendition {rendition}")
         return rendition
+
+    def saw_playlist_request(self, stream: str, client: str) -> None:
+        if self._on_playlist is not None:
+            self._on_playlist(stream, client)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _stream(self, request: web.Request) -> tuple[LiveStream, str]:
+        return self.locate(request.match_info["stream"], request.query.get("token"))
+
+    def _rendition(self, request: web.Request, stream: LiveStream) -> str:
+        return self.rendition_of(stream, request.match_info["rendition"])
 
     async def _hold(self, stream: LiveStream, rendition: str, ready: Callable[[], Readiness],
                     timeout: float) -> Readiness:
@@ -129,18 +173,15 @@ class HlsRoutes:
             if not stream.is_ready():
                 raise Unavailable(f"stream {stream.name} has no media yet")
         return web.Response(text=stream.multivariant_playlist(query), content_type=PLAYLIST_TYPE,
-                            headers={"Cache-Control": "no-cache"})
+                            headers={"Cache-Control": PLAYLIST_CACHE_CONTROL})
 
     async def media_playlist(self, request: web.Request) -> web.Response:
         stream, query = self._stream(request)
         rendition = self._rendition(request, stream)
-        msn = _int_param(request, "_HLS_msn")
-        part = _int_param(request, "_HLS_part")
-        skip = _skip_param(request)
-        if self._on_playlist is not None:
-            self._on_playlist(stream.name, f"{request.remote}|{request.headers.get('User-Agent')}")
-        if part is not None and msn is None:
-            raise BadRequest("_HLS_part needs _HLS_msn")
+        self.saw_playlist_request(stream.name,
+                                  f"{request.remote}|{request.headers.get('User-Agent')}")
+        reload = ReloadQuery.parse(request.query)
+        msn, part = reload.msn, reload.part
         if msn is not None:
             # RFC 8216bis 6.2.5.2: hold up to three target durations, then 503.
             timeout = 3.0 * stream.settings.target_duration
@@ -150,17 +191,16 @@ class HlsRoutes:
                 raise BadRequest("_HLS_msn/_HLS_part is too far beyond the live edge")
             if state is Readiness.WAIT:
                 raise Unavailable("the requested part did not arrive in time")
-        return web.Response(text=stream.media_playlist(rendition, skip, query),
-                            content_type=PLAYLIST_TYPE, headers={"Cache-Control": "no-cache"})
+        return web.Response(text=stream.media_playlist(rendition, reload.skip, query),
+                            content_type=PLAYLIST_TYPE,
+                            headers={"Cache-Control": PLAYLIST_CACHE_CONTROL})
 
     async def media_object(self, request: web.Request) -> web.Response:
         stream, _ = self._stream(request)
         rendition = self._rendition(request, stream)
-        name = request.match_info["name"]
-        if len(name) > _OBJECT_NAME_MAX or not name.isascii():
-            raise NotFound("no such object")
+        name = object_name(request.match_info["name"])
         kind = stream.tracks[rendition].kind.value
-        headers = {"Cache-Control": f"public, max-age={self._settings.object_max_age}"}
+        headers = {"Cache-Control": self.object_cache_control}
         if name == "init.mp4":
             data = await stream.fetch_object(rendition, name)
         elif name.endswith(".m4s"):

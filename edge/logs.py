@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
 import sys
 import time
 from contextvars import ContextVar
@@ -14,6 +16,15 @@ _CONTEXT_FIELDS = ("stream", "session", "request_id", "rendition", "peer", "url"
 # The HTTP request being handled, set by the app's middleware: every line logged while handling it
 # carries its id (the client's X-Request-Id, or one made up), and so does the response.
 request_id: ContextVar[str | None] = ContextVar("livedge_request_id", default=None)
+
+_TAME_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a client's id is echoed only when this tame
+
+
+def request_id_for(incoming: str | None) -> str:
+    """The id of a request: the client's ``X-Request-Id`` when it is tame, else a new one."""
+    if incoming and _TAME_REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return secrets.token_hex(8)
 
 
 class JsonFormatter(logging.Formatter):

@@ -14,8 +14,10 @@ import os
 import signal
 from aiohttp import web
 
-from edge.app import NODE, PUBLISHING, reload_settings
+from edge.app import CORS_HEADERS, HLS, LANE_STATS, METRICS, NODE, PUBLISHING, reload_settings
 from edge.config import Settings
+from edge.fastlane import FastLane, LaneSettings
+from edge.limits import LIMITS
 
 log = logging.getLogger("livedge.serve")
 
@@ -25,9 +27,10 @@ DRAIN_POLL_SECONDS = 0.2
 async def serve(app: web.Application, settings: Settings, drain_seconds: float) -> None:
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
+    lane = fast_lane(app, runner, settings)
     loop = asyncio.get_running_loop()
+    server = await loop.create_server(lane, settings.host, settings.port, reuse_address=True,
+                                      backlog=settings.listen_backlog)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -41,8 +44,26 @@ async def serve(app: web.Application, settings: Settings, drain_seconds: float) 
         while publishing.active_count() and loop.time() < deadline:
             await asyncio.sleep(DRAIN_POLL_SECONDS)
     finally:
+        server.close()
+        lane.close()
         await runner.cleanup()
     log.info("stopped")
+
+
+def fast_lane(app: web.Application, runner: web.AppRunner, settings: Settings) -> FastLane:
+    """Every connection's first protocol: hot HLS requests answered there, the rest by ``runner``."""
+    requests = app[METRICS].http_requests
+    counted: dict[tuple[str, int], object] = {}
+
+    def count(route: str, status: int) -> None:
+        child = counted.get((route, status))
+        if child is None:
+            child = counted[(route, status)] = requests.labels(route, str(status))
+        child.inc()  # type: ignore[attr-defined]
+
+    lane_settings = LaneSettings(settings.http_read_timeout, settings.max_connections_per_address,
+                                 CORS_HEADERS, enabled=settings.fast_lane)
+    return FastLane(app[HLS], app[LIMITS], lane_settings, runner.server, count, app[LANE_STATS])
 
 
 def _log_problems(problems: list[str]) -> None:

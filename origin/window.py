@@ -89,6 +89,7 @@ class StreamWindow:
         self.tracks: dict[str, TrackInfo] = {}
         self._logs: dict[str, RenditionLog] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        self._on_change: dict[str, list[Callable[[], None]]] = {}
         self._rendered: dict[tuple[str, bool, str], str] = {}
         self._codecs: dict[str, str] = {}
         self.parts_produced = 0
@@ -119,11 +120,18 @@ class StreamWindow:
             self._changed_rendition(name)
 
     def _changed_rendition(self, rendition: str) -> None:
+        """Wake what waits on ``rendition`` and on any rendition; ``ANY_RENDITION`` wakes all."""
         self._rendered.clear()
-        for key in (rendition, ANY_RENDITION):
+        keys = list(self._changed) if rendition == ANY_RENDITION else (rendition, ANY_RENDITION)
+        for key in keys:
             event = self._changed.pop(key, None)
             if event is not None:
                 event.set()
+        callbacks = [self._on_change.pop(key) for key in list(self._on_change)] \
+            if rendition == ANY_RENDITION else [self._on_change.pop(rendition, [])]
+        for batch in callbacks:
+            for callback in batch:
+                callback()
 
     # -- serving ---------------------------------------------------------------------------------------
     def has_rendition(self, rendition: str) -> bool:
@@ -143,6 +151,11 @@ class StreamWindow:
         except TimeoutError:
             return False
         return True
+
+    def call_on_change(self, rendition: str, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once, at the next change of ``rendition``. For waiters that are not
+        tasks (the fast lane parks thousands): the callback must be quick and must not raise."""
+        self._on_change.setdefault(rendition, []).append(callback)
 
     def readiness(self, rendition: str, msn: int, part: int | None) -> Readiness:
         return self._logs[rendition].readiness(msn, part)

@@ -1,0 +1,300 @@
+"""The fast lane (edge/fastlane.py) against a real node: raw HTTP/1.1 over 127.0.0.1 sockets, so
+that every byte of the lane's answers, and of aiohttp's after a hand-over, is seen."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from bench.soak import encode_ts, publish_ws
+from edge.tokens import Scope, issue_token
+from tests.nodes import TEST_SECRET, RunningNode, running_node
+
+HINT = re.compile(r'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="part(\d+)\.(\d+)\.m4s"')
+PART = re.compile(r'#EXT-X-PART:.*URI="part(\d+)\.(\d+)\.m4s"')
+
+
+def newest_part(body: bytes) -> tuple[int, int]:
+    """The newest part a playlist lists. A reload for (msn, part) is satisfied by that part or,
+    when the segment ended before it, by the first part of the next segment."""
+    return max((int(msn), int(part)) for msn, part in PART.findall(body.decode()))
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory) -> RunningNode:
+    with running_node(tmp_path_factory.mktemp("lane"), "--demo", HTTP_READ_TIMEOUT="1",
+                      MAX_CONNECTIONS_PER_ADDRESS="0", MAX_REQUESTS_PER_ADDRESS="0") as running:
+        wait_for_demo(running.url)
+        yield running
+
+
+def wait_for_demo(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/hls/demo/180p/index.m3u8", timeout=2) as answer:
+                if HINT.search(answer.read().decode()):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the demo stream did not start")
+
+
+class Http:
+    """One raw keep-alive connection: send heads, read whole answers."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.buffer = b""
+
+    def send(self, *paths: str, headers: str = "", version: str = "1.1") -> None:
+        self.sock.sendall(b"".join(
+            f"GET {path} HTTP/{version}\r\nHost: x\r\n{headers}\r\n".encode() for path in paths))
+
+    def answer(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buffer:
+            self._read()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers["content-length"])
+        while len(self.buffer) < length:
+            self._read()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(lines[0].split()[1]), headers, body
+
+    def get(self, path: str, headers: str = "") -> tuple[int, dict[str, str], bytes]:
+        self.send(path, headers=headers)
+        return self.answer()
+
+    def closed_by_peer(self, wait: float) -> bool:
+        self.sock.settimeout(wait)
+        try:
+            return self.sock.recv(1) == b""
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def _read(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        self.buffer += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def next_part(http: Http) -> tuple[int, int]:
+    _, _, body = http.get("/hls/demo/180p/index.m3u8")
+    msn, part = HINT.search(body.decode()).groups()
+    return int(msn), int(part)
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def test_the_lane_answers_hot_requests_as_aiohttp_would(node):
+    http = Http(node.url)
+    try:
+        lane = http.get("/hls/demo/180p/init.mp4")
+        # A conditional header sends the request (and the connection) to aiohttp.
+        framework = http.get("/hls/demo/180p/init.mp4", headers="If-None-Match: \"x\"\r\n")
+    finally:
+        http.close()
+    assert lane[0] == framework[0] == 200
+    assert lane[2] == framework[2] and lane[2][4:8] == b"ftyp"
+    assert lane[1]["server"] == "livedge" and "aiohttp" in framework[1]["server"]
+    for header in ("content-type", "cache-control", "access-control-allow-origin",
+                   "access-control-expose-headers"):
+        assert lane[1][header] == framework[1][header], header
+    assert re.fullmatch(r"[0-9a-f]{16}", lane[1]["x-request-id"])
+    assert metric(node.url, "livedge_fast_lane_answers_total") >= 1
+    assert metric(node.url, "livedge_fast_lane_handovers_total") >= 1
+
+
+def test_a_tame_request_id_is_echoed(node):
+    http = Http(node.url)
+    try:
+        _, headers, _ = http.get("/hls/demo/index.m3u8", headers="X-Request-Id: abc.123\r\n")
+    finally:
+        http.close()
+    assert headers["x-request-id"] == "abc.123"
+
+
+def test_parked_reloads_are_all_answered_with_the_part_they_wait_for(node):
+    probe = Http(node.url)
+    msn, part = next_part(probe)
+    probe.close()
+    waiters = [Http(node.url) for _ in range(50)]
+    try:
+        for http in waiters:
+            http.send(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
+        answers = [http.answer() for http in waiters]
+        # Each connection stays usable: the next reload parks again and is answered too.
+        for http in waiters[:5]:
+            http.send(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part + 1}"
+                      if part < 3 else f"/hls/demo/180p/index.m3u8?_HLS_msn={msn + 1}&_HLS_part=0")
+        again = [http.answer() for http in waiters[:5]]
+    finally:
+        for http in waiters:
+            http.close()
+    assert {status for status, _, _ in answers + again} == {200}
+    assert all(newest_part(body) >= (msn, part) for _, _, body in answers)
+    assert len({body for _, _, body in answers}) == 1  # one render shared by every waiter
+
+
+def test_a_preload_hinted_part_is_held_then_sent_whole(node):
+    http = Http(node.url)
+    try:
+        msn, part = next_part(http)
+        status, headers, body = http.get(f"/hls/demo/180p/part{msn}.{part}.m4s")
+    finally:
+        http.close()
+    assert status == 200 and headers["content-type"] == "video/mp4"
+    assert int(headers["content-length"]) == len(body) and b"moof" in body[:64]
+
+
+def test_pipelined_requests_are_answered_in_order(node):
+    http = Http(node.url)
+    try:
+        msn, part = next_part(http)
+        http.send(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}",
+                  "/hls/demo/180p/init.mp4", "/healthz", "/hls/demo/index.m3u8")
+        answers = [http.answer() for _ in range(4)]
+    finally:
+        http.close()
+    assert [status for status, _, _ in answers] == [200, 200, 200, 200]
+    assert newest_part(answers[0][2]) >= (msn, part)
+    assert answers[1][2][4:8] == b"ftyp"
+    assert json.loads(answers[2][2])["status"] == "ok"  # /healthz: aiohttp took over
+    assert answers[3][2].startswith(b"#EXTM3U")  # and serves the rest of the connection
+
+
+def test_errors_are_answered_by_aiohttp_with_a_json_message(node):
+    http = Http(node.url)
+    try:
+        missing = http.get("/hls/demo/180p/nope.m4s")
+        bad = Http(node.url)
+        too_far = bad.get("/hls/demo/180p/index.m3u8?_HLS_msn=999999")
+        bad.close()
+    finally:
+        http.close()
+    assert missing[0] == 404 and json.loads(missing[2]) == {"message": "no such object"}
+    assert too_far[0] == 400 and "too far" in json.loads(too_far[2])["message"]
+
+
+def test_http_1_0_without_keep_alive_is_answered_then_closed(node):
+    http = Http(node.url)
+    try:
+        http.send("/hls/demo/index.m3u8", version="1.0")
+        status, headers, _ = http.answer()
+        assert status == 200 and headers["connection"] == "close"
+        assert http.closed_by_peer(5)
+    finally:
+        http.close()
+
+
+def test_a_closed_waiter_is_forgotten(node):
+    http = Http(node.url)
+    msn, part = next_part(http)
+    http.send(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn + 1}&_HLS_part={part}")
+    time.sleep(0.1)
+    http.close()
+    time.sleep(2.5)  # past the next segment: the wake skips it
+    assert metric(node.url, "livedge_blocked_requests") == 0
+
+
+def test_a_slow_client_is_closed_after_the_read_timeout(node):
+    http = Http(node.url)
+    try:
+        http.sock.sendall(b"GET /hls/demo/index.m3u8 HTTP/1.1\r\nHost: x\r\n")  # never ends
+        started = time.monotonic()
+        assert http.closed_by_peer(5)
+        assert time.monotonic() - started < 4
+    finally:
+        http.close()
+    idle = Http(node.url)  # an idle keep-alive connection too, after its answer
+    try:
+        assert idle.get("/hls/demo/index.m3u8")[0] == 200
+        assert idle.closed_by_peer(5)
+    finally:
+        idle.close()
+
+
+def test_connections_past_the_per_address_cap_get_429_and_a_close(tmp_path):
+    with running_node(tmp_path, MAX_CONNECTIONS_PER_ADDRESS="3") as capped:
+        held = [Http(capped.url) for _ in range(3)]
+        try:
+            for http in held:
+                assert http.get("/healthz")[0] == 200
+            refused = Http(capped.url)
+            refused.send("/healthz")
+            status, headers, body = refused.answer()
+            assert status == 429 and headers["retry-after"] == "1"
+            assert "too many connections" in json.loads(body)["message"]
+            assert refused.closed_by_peer(5)
+            refused.close()
+            held.pop().close()
+            time.sleep(0.2)
+            again = Http(capped.url)
+            assert again.get("/healthz")[0] == 200
+            again.close()
+            assert metric(capped.url, "livedge_http_connections_refused_total") == 1
+        finally:
+            for http in held:
+                http.close()
+
+
+def test_with_the_lane_off_aiohttp_answers_everything(tmp_path):
+    with running_node(tmp_path, "--demo", FAST_LANE="false") as plain:
+        wait_for_demo(plain.url)
+        http = Http(plain.url)
+        try:
+            status, headers, _ = http.get("/hls/demo/index.m3u8")
+        finally:
+            http.close()
+    assert status == 200 and "aiohttp" in headers["server"]
+
+
+async def test_a_reload_parked_on_a_stream_that_stops_gets_503(tmp_path):
+    with running_node(tmp_path, PUBLISH_GRACE="20") as quiet:
+        data = await asyncio.to_thread(encode_ts, 3.0)
+        token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, "short", 3600, "lane")
+        assert await publish_ws(quiet.ws_url, "short", data, 3.0, token=token) == "ok"
+        # The publisher left; within the grace period the stream is live but makes nothing
+        # once the node has packaged what it was sent.
+        await asyncio.sleep(2)
+        http = Http(quiet.url)
+        try:
+            msn, part = next_part_of(http, "/hls/short/180p/index.m3u8")
+            started = time.monotonic()
+            status, headers, body = await asyncio.to_thread(
+                http.get, f"/hls/short/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
+            waited = time.monotonic() - started
+        finally:
+            http.close()
+        assert status == 503, (status, body, waited)
+        assert metric(quiet.url, "livedge_blocked_request_timeouts_total") >= 1
+    assert status == 503 and headers["content-type"].startswith("application/json")
+    assert json.loads(body) == {"message": "the requested part did not arrive in time"}
+    assert 2.5 < waited < 6  # three target durations (1 s), swept every quarter second
+
+
+def next_part_of(http: Http, path: str) -> tuple[int, int]:
+    _, _, body = http.get(path)
+    msn, part = HINT.search(body.decode()).groups()
+    return int(msn), int(part)
