@@ -221,6 +221,7 @@ class _Produced:
     held: bool = False  # the resumer holds its media until the decision
     fresh: bool = True  # the first write replaces whatever log the name had
     shadowed: bool = False  # another node writes this name's log: this one stays out of Redis
+    lost: bool = False  # another node took this stream's log over: it is never written again
     announced: bool = False
     ended: bool = False
 
@@ -236,7 +237,8 @@ class RedisTier:
     """The Redis tier of one node. ``start()`` before use, ``close()`` at shutdown.
 
     ``resumer``, if set, is told when a stream produced here starts (``hold``: its media waits),
-    then asked to ``resume`` it if Redis holds a live log under its name (a restart), else to
+    then asked to ``resume`` it if Redis holds a live log under its name (a restart, or a log
+    whose writer on another node went quiet: see ``_decide``), else to
     ``release`` it. A stream that did not resume replaces the name's old log.
     """
 
@@ -251,6 +253,9 @@ class RedisTier:
         self.node_id = node_id
         self.timings = TierTimings.for_window(settings, dvr_seconds, heartbeat_interval)
         self.heartbeat_interval = heartbeat_interval
+        # How long a log goes unwritten before its writer counts as gone (``_writer_gone``): a
+        # few part targets, and room for a writer's batching and round trips.
+        self.writer_quiet = 3 * self.part_target + 0.5
         self.resumer: StreamResumer | None = None
         self._queue_items = queue_items
         self._queue_bytes = queue_bytes
@@ -512,6 +517,10 @@ class RedisTier:
         """Node stream listener: queue ``event`` of stream ``name`` for the writer. Never blocks,
         never raises: when the queue is full the oldest entries are dropped and counted."""
         stream = self._produced.get(name)
+        if stream is not None and stream.lost:
+            if isinstance(event, StreamEnded):
+                del self._produced[name]  # a later stream of this name decides afresh
+            return
         if stream is None or stream.ended:
             stream = self._produced[name] = _Produced(name, self._clock())
             if self.resumer is not None and self._available:
@@ -596,16 +605,25 @@ class RedisTier:
             self._drop_oldest()
 
     async def _decide(self, stream: _Produced) -> None:
-        """Before the first write of a stream: resume the log its name has in Redis (a restart),
-        or replace it; or stay out of Redis if another node is writing that log right now (two
-        producers of one name; the first keeps the shared log). Redis failing to answer in time
-        means a new log, at once: the stream's media is held meanwhile."""
+        """Before the first write of a stream: resume the log its name has in Redis (a restart,
+        or a publisher that moved here from a node that died), or replace it; or stay out of
+        Redis if another node is writing that log right now (two producers of one name; the
+        first keeps the shared log). Redis failing to answer in time means a new log, at once:
+        the stream's media is held meanwhile.
+
+        Another node's directory entry stays fresh for up to three heartbeats after that node
+        died, and a publisher reconnects within seconds: so an entry naming another node is
+        believed only while that node's log is written (``_writer_gone``). A crashed writer's log
+        is resumed (continued after a discontinuity), never replaced. Should the other node be
+        alive after all (a stalled writer, a publisher in its grace period there), its next
+        heartbeat finds this node's claim and it stops writing the log (``lost``)."""
         resumed = False
         try:
             entry = await asyncio.wait_for(self._timed(
                 self._client.hget(DIRECTORY_KEY, stream.name)), self._decide_timeout)
             owner = _json_or_none(entry)
-            if self._owned_elsewhere(owner):
+            if self._owned_elsewhere(owner) and not await asyncio.wait_for(
+                    self._writer_gone(stream.name), self._decide_timeout + self.writer_quiet):
                 stream.shadowed = True
                 log.warning("stream is live on another node: not writing it to redis",
                             extra={"stream": stream.name, "node": owner.get("node")})
@@ -628,6 +646,28 @@ class RedisTier:
             stream.held = False
         if resumed:
             log.info("stream resumed from redis", extra={"stream": stream.name})
+
+    async def _writer_gone(self, name: str) -> bool:
+        """Whether the log of stream ``name`` has gone unwritten for ``writer_quiet`` seconds,
+        by Redis's clock (entry ids are its milliseconds): a node producing a stream adds a part
+        every part target, so a quiet log has no live writer. A log quiet for less is looked at
+        again once it would have been quiet long enough."""
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.xrevrange(events_key(name), count=1)
+            pipe.time()
+            newest, (seconds, micros) = await self._timed(pipe.execute())
+            if not newest:
+                return True
+            entry_id = newest[0][0]
+            written_ms = int((entry_id.decode() if isinstance(entry_id, bytes)
+                              else entry_id).split("-")[0])
+            quiet = int(seconds) + int(micros) / 1e6 - written_ms / 1000
+            if quiet >= self.writer_quiet:
+                return True
+            if attempt == 0:
+                await asyncio.sleep(self.writer_quiet - quiet + 0.05)
+        return False
 
     async def _write(self, batch: Sequence[_Item]) -> None:
         """Objects first, then the events that list them, so a reader woken by an event always
@@ -729,10 +769,14 @@ class RedisTier:
                 continue
             streams = [s for s in self._produced.values() if s.announced and not s.ended
                        and not s.shadowed]
-            shadowed = [s for s in self._produced.values() if s.shadowed and not s.ended]
+            shadowed = [s for s in self._produced.values() if s.shadowed and not s.ended
+                        and not s.lost]
             pipe = self._client.pipeline(transaction=False)
+            stale_before = self._clock() - 3 * self.heartbeat_interval
+            for stream in streams:  # first: their answers say whether the entry is still ours
+                pipe.eval(_KEEP_ENTRY, 1, DIRECTORY_KEY, stream.name,
+                          self._directory_entry(stream), self.node_id, repr(stale_before))
             for stream in streams:
-                pipe.hset(DIRECTORY_KEY, stream.name, self._directory_entry(stream))
                 self._expire_stream(pipe, stream, self.timings.stream_ttl)
             for stream in shadowed:
                 pipe.hget(DIRECTORY_KEY, stream.name)
@@ -747,6 +791,11 @@ class RedisTier:
                 self._errors += 1
                 self._last_error = f"{type(error).__name__}: {error}"[:300]
                 continue
+            for stream, kept in zip(streams, answers):
+                if not kept:
+                    stream.shadowed = stream.lost = True
+                    log.warning("another node took over the redis log of a stream produced here:"
+                                " no longer writing it", extra={"stream": stream.name})
             for stream, entry in zip(shadowed, answers[len(answers) - len(shadowed):]):
                 if not self._owned_elsewhere(_json_or_none(entry)):
                     stream.shadowed = False  # its next write starts a new log under the name
@@ -774,6 +823,24 @@ class RedisTier:
             hits=self._hits, misses=self._misses, read_bytes=self._read_bytes,
             streams=sum(1 for stream in self._produced.values()
                         if not stream.ended and not stream.shadowed))
+
+
+# A heartbeat's directory write (KEYS[1] the directory; ARGV: stream, entry, this node, the
+# heartbeat time before which an entry is stale): written unless a live entry of another node holds
+# the name, which means that node took the stream's log over (see ``RedisTier._decide``). 1 if
+# written.
+_KEEP_ENTRY = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then
+  local ok, entry = pcall(cjson.decode, current)
+  if ok and type(entry) == 'table' and entry['node'] ~= ARGV[3] and not entry['interrupted']
+      and tonumber(entry['heartbeat']) and tonumber(entry['heartbeat']) >= tonumber(ARGV[4]) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
 
 
 def _ms(seconds: float) -> int:

@@ -216,6 +216,7 @@ class LocalResumer:
         self._local = local
         self._reader = reader
         self._ttl_for = ttl_for
+        self._warming: set[asyncio.Future] = set()
 
     def hold(self, name: str) -> None:
         stream = self._local(name)
@@ -229,7 +230,18 @@ class LocalResumer:
             return await self._reader.read(object_key(name, rendition, object_name),
                                            self._ttl_for(object_name))
 
-        return stream is not None and stream.resume(history, fetch_missing)
+        if stream is None or not stream.resume(history, fetch_missing):
+            return False
+        closed = stream.closed_segments()
+        if closed:
+            # A segment closed from a crashed producer's parts exists only as those parts, which
+            # Redis keeps a few target durations: join them now, while the window lists it.
+            task = asyncio.ensure_future(asyncio.gather(
+                *(stream.fetch_object(rendition, object_name) for rendition, object_name in closed),
+                return_exceptions=True))
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
+        return True
 
     def release(self, name: str) -> None:
         stream = self._local(name)

@@ -60,6 +60,7 @@ class LiveStream(StreamWindow):
         self._msn_offset = 0
         self._resumed = False
         self._continued_tracks: set[str] = set()  # tracks whose first resumed segment was cut
+        self._closed: dict[tuple[str, int], int] = {}  # (track, msn) -> parts: see ``resume``
         self._fetch_missing: Callable[[str, str], Awaitable[bytes | None]] | None = None
         self._held: list[tuple[str, EncodedSample]] | None = None  # see ``hold``
 
@@ -112,7 +113,8 @@ class LiveStream(StreamWindow):
     def resume(self, history: Iterable[WindowEvent],
                fetch_missing: Callable[[str, str], Awaitable[bytes | None]] | None = None) -> bool:
         """Continue a stream produced before this ``LiveStream`` existed (a node restart, a
-        publisher coming back after the node lost its memory).
+        publisher coming back after the node lost its memory, a publisher moving to this node after
+        its node crashed).
 
         ``history`` is the stream's events as a replica hears them (no media bytes needed): its
         complete segments are listed again, and the packager's segments are numbered from the
@@ -121,24 +123,24 @@ class LiveStream(StreamWindow):
         window reads them with ``fetch_missing(rendition, name)`` (the lower cache tiers).
         Listeners are not told the replayed events (they came from the shared log).
 
+        A log that ends inside a segment (its producer crashed) is continued too: that segment is
+        closed where it stopped, as a shorter segment of the parts it has (players may have loaded
+        some of them, so its number is not given to other media; its bytes are its parts', read
+        with ``fetch_missing``, see ``closed_segments``). A segment opened with no part yet is
+        left out: its number goes to the first new segment.
+
         Only possible before this stream cut its first segment and while it is not ended; returns
-        whether it resumed: False too when ``history`` has no complete segment, or ends inside a
-        segment (its producer crashed: continuing would leave a gap in the media sequence). Held
-        samples are released either way.
+        whether it resumed: False too when ``history`` has no segment to list. Held samples are
+        released either way.
         """
         if self._segment_opened or self.ended or self._resumed:
             self.release()
             return False
         events = list(history)
-        replayed = list(replayable_window(events))
+        replayed = list(replayable_window(events, close_unfinished=True))
+        finished = {(event.track, event.msn) for event in events if isinstance(event, SegmentReady)}
         numbers = [event.msn for event in replayed if isinstance(event, SegmentReady)]
-        last_opened = {event.track: event.msn for event in events
-                       if isinstance(event, SegmentOpened)}
-        last_complete = {event.track: event.msn for event in replayed
-                         if isinstance(event, SegmentReady)}
-        if not numbers or last_opened != last_complete:
-            # Nothing to continue, or the producer stopped inside a segment (a crash): numbering
-            # after it would leave a gap in the media sequence, so this stream starts anew.
+        if not numbers:
             self.release()
             return False
         for event in replayed:
@@ -146,6 +148,8 @@ class LiveStream(StreamWindow):
                 if event.track.name not in self.tracks:  # what this stream declared wins
                     self.declare_track(event.track)
             else:
+                if isinstance(event, SegmentReady) and (event.track, event.msn) not in finished:
+                    self._closed[(event.track, event.msn)] = event.part_count
                 self.apply_event(event)
         self._msn_offset = max(numbers) + 1
         self._resumed = True
@@ -153,10 +157,34 @@ class LiveStream(StreamWindow):
         self.release()
         return True
 
+    def closed_segments(self) -> list[tuple[str, str]]:
+        """(rendition, name) of the segments ``resume`` closed from a crashed producer's parts.
+        Their bytes exist nowhere but as parts, which the shared tier keeps only briefly: read
+        them early (``fetch_object``) to keep them in this node's store."""
+        return [(track, segment_uri(msn)) for track, msn in self._closed]
+
     async def fetch_object(self, rendition: str, name: str) -> bytes | None:
         data = self.object(rendition, name)
         if data is None and self._fetch_missing is not None:
             data = await self._fetch_missing(rendition, name)
+            if data is None:
+                data = await self._join_closed(rendition, name)
+        return data
+
+    async def _join_closed(self, rendition: str, name: str) -> bytes | None:
+        """A segment ``resume`` closed: its parts' bytes, concatenated (what ``SegmentReady``
+        carries), kept in the store once read; None if a part is gone."""
+        assert self._fetch_missing is not None
+        msn = next((msn for (track, msn) in self._closed
+                    if track == rendition and segment_uri(msn) == name), None)
+        if msn is None:
+            return None
+        parts = [await self._fetch_missing(rendition, part_uri(msn, index))
+                 for index in range(self._closed[(rendition, msn)])]
+        if any(part is None for part in parts):
+            return None
+        data = b"".join(parts)  # type: ignore[arg-type]
+        self._store.set_now(object_key(self.name, rendition, name), data)
         return data
 
     def _continued(self, event: PackagerEvent) -> PackagerEvent:
@@ -190,11 +218,16 @@ class LiveStream(StreamWindow):
             listener(self.name, event)
 
 
-def replayable_window(history: Iterable[WindowEvent]) -> Iterator[WindowEvent]:
+def replayable_window(history: Iterable[WindowEvent], *,
+                      close_unfinished: bool = False) -> Iterator[WindowEvent]:
     """The events of ``history`` a resumed window can list: every track declaration, then, per
     track in their order, the events of segments seen whole (opened, parts, ready). A log trimmed
-    from the front starts inside a segment, and a producer that stopped abruptly leaves one open:
-    both are left out, as is a segment with a gap in its parts. ``StreamEnded`` is left out too."""
+    from the front starts inside a segment: left out, as is a segment with a gap in its parts.
+    ``StreamEnded`` is left out too.
+
+    A producer that stopped abruptly leaves a segment open at the end of a track: left out, or
+    with ``close_unfinished`` closed after the parts it has (a ``SegmentReady`` with their
+    duration, ``size`` 0 and no data); one with no part yet is left out either way."""
     declared: list[WindowEvent] = []
     complete: list[WindowEvent] = []
     open_segments: dict[str, list[WindowEvent]] = {}  # track -> events of its open segment
@@ -218,3 +251,10 @@ def replayable_window(history: Iterable[WindowEvent]) -> Iterator[WindowEvent]:
                 complete.append(event)
     yield from declared
     yield from complete
+    if close_unfinished:
+        for track, segment in open_segments.items():
+            parts = [event for event in segment if isinstance(event, PartReady)]
+            if parts:
+                yield from segment
+                yield SegmentReady(track, segment[0].msn, sum(part.duration for part in parts),
+                                   len(parts), 0, b"")

@@ -105,3 +105,74 @@ async def test_end_lists_endlist_and_wakes_waiters(stream):
     stream.end()
     assert await waiter
     assert stream.media_playlist("90p").rstrip().endswith("#EXT-X-ENDLIST")
+
+
+# -- resuming a log its producer left inside a segment (a crash) -------------------------------------
+def crashed_log(seconds: float) -> tuple[TrackInfo, list, MemoryCache, list]:
+    """A stream fed ``seconds`` of video and never ended: its log (as a shared log gives it back,
+    without media bytes) stops inside a segment, as a producer killed with SIGKILL leaves it."""
+    from origin.wire import decode_event, encode_event
+    track, samples = encode_video(seconds + 2)
+    store = MemoryCache(max_bytes=32 * 2**20)
+    old = LiveStream("cam", SETTINGS, store, clock=lambda: 1e9)
+    told: list = []
+    old.listeners.append(lambda _, event: told.append(event))
+    old.add_track(track)
+    for sample in samples[:int(seconds * 30)]:
+        old.add_sample(track.name, sample)
+    return track, samples, store, [decode_event(encode_event(event)) for event in told]
+
+
+async def test_resume_from_a_log_ending_inside_a_segment_closes_it_and_continues_after_it():
+    from origin.packager import PartReady, SegmentOpened, SegmentReady
+    track, samples, old_store, history = crashed_log(3.6)  # segments 0-2, then 2 parts of 3
+    assert not isinstance(history[-1], SegmentReady)
+    partial = [e for e in history if isinstance(e, PartReady) and e.msn == 3]
+    assert len(partial) >= 1
+
+    async def fetch_missing(rendition, name):
+        return old_store.get_now(object_key("cam", rendition, name))
+
+    new = LiveStream("cam", SETTINGS, MemoryCache(max_bytes=32 * 2**20), clock=lambda: 2e9)
+    told: list = []
+    new.listeners.append(lambda _, event: told.append(event))
+    new.add_track(track)
+    new.hold()
+    for sample in samples[:40]:
+        new.add_sample(track.name, sample)
+    assert new.resume(history, fetch_missing)
+    # The unfinished segment is listed, closed after its parts; new media starts after it.
+    first = next(e for e in told if isinstance(e, SegmentOpened))
+    assert (first.msn, first.discontinuity) == (4, True)
+    playlist = new.media_playlist(track.name)
+    duration = sum(part.duration for part in partial)
+    assert f"#EXTINF:{duration:.3f},\nseg3.m4s\n#EXT-X-DISCONTINUITY\n" in playlist
+    assert playlist.count("#EXT-X-DISCONTINUITY\n") == 1
+    assert new.closed_segments() == [(track.name, "seg3.m4s")]
+    # Its bytes are its parts' bytes (what a SegmentReady carries), and they decode.
+    parts = [old_store.get_now(object_key("cam", track.name, f"part3.{p.index}.m4s"))
+             for p in partial]
+    segment = await new.fetch_object(track.name, "seg3.m4s")
+    assert segment == b"".join(parts)
+    with av.open(io.BytesIO(new.init_segment(track.name) + segment), format="mp4") as container:
+        assert len(list(container.decode(video=0))) == round(duration * 30)
+
+
+async def test_resume_leaves_out_a_segment_opened_without_parts_and_numbers_new_media_from_it():
+    from origin.packager import SegmentOpened, SegmentReady
+    track, samples, _, history = crashed_log(3.6)
+    while not isinstance(history[-1], SegmentOpened):
+        history.pop()  # the producer died right after opening segment 3
+    assert history[-1].msn == 3
+    new = LiveStream("cam", SETTINGS, MemoryCache(max_bytes=32 * 2**20), clock=lambda: 2e9)
+    told: list = []
+    new.listeners.append(lambda _, event: told.append(event))
+    new.add_track(track)
+    new.hold()
+    assert new.resume(history)
+    for sample in samples[:40]:
+        new.add_sample(track.name, sample)
+    first = next(e for e in told if isinstance(e, SegmentOpened))
+    assert (first.msn, first.discontinuity) == (3, True)
+    assert new.closed_segments() == []
+    assert all(e.msn >= 3 for e in told if isinstance(e, SegmentReady))

@@ -266,10 +266,19 @@ async def test_a_second_producer_of_a_live_name_stays_out_of_the_shared_log(serv
     for sample in samples[:40]:
         stream.add_sample(track.name, sample)
     await asyncio.wait_for(first.wait_drained(), 5)
+
+    async def first_goes_on():  # in real time: its log is written every part
+        for sample in samples[40:96]:
+            stream.add_sample(track.name, sample)
+            await asyncio.sleep(1 / 30)
+
+    going_on = asyncio.create_task(first_goes_on())
     other.add_track(track)
     for sample in samples[:40]:
         other.add_sample(track.name, sample)
     await asyncio.wait_for(second.wait_drained(), 5)
+    await going_on
+    await asyncio.wait_for(first.wait_drained(), 5)
     logged = [decode_event(f) for _, f in await client.xrange(events_key("cam"))]
     assert len(logged) == len(told)  # only the first producer's events
     assert json.loads(await client.hget(DIRECTORY_KEY, "cam"))["node"] == "node-a"
@@ -301,6 +310,65 @@ async def test_a_second_producer_of_a_live_name_stays_out_of_the_shared_log(serv
     assert json.loads(await client.hget(DIRECTORY_KEY, "cam"))["node"] == "node-c"
     await third.close()
 
+
+
+async def test_a_publish_moved_from_a_node_whose_log_went_quiet_resumes_that_log(server, client,
+                                                                                  video):
+    """The decision of ``RedisTier._decide`` when a publisher reconnects to another node within
+    seconds: the old node's directory entry is still fresh, but its log is quiet (a crash, or a
+    publisher in its grace period there). The new node continues the log, closing the segment
+    the old one left unfinished, and the old node, still heartbeating, stops writing it."""
+    from edge.replica import LocalResumer, ObjectReader
+    from origin.packager import SegmentOpened
+    track, samples = video
+    first = new_tier(server.url)  # heartbeats every 0.2 s: its entry stays fresh throughout
+    await first.start()
+    old, _ = producing(first)
+    old.add_track(track)
+    for sample in samples[:46]:  # segment 0, then 2 parts of segment 1 (cut mid-segment)
+        old.add_sample(track.name, sample)
+    await asyncio.wait_for(first.wait_drained(), 5)
+    second = RedisTier(connect(RedisConfig(server.url)), SETTINGS, "node-b",
+                       heartbeat_interval=2.0)
+    await second.start()
+    memory = MemoryCache(max_bytes=32 * 2**20)
+    new = LiveStream("cam", SETTINGS, memory)
+    told: list = []
+    new.listeners += [second.on_window_event, lambda _, event: told.append(event)]
+    second.resumer = LocalResumer(lambda name: new if name == "cam" else None,
+                                  ObjectReader(memory, second), second.timings.ttl_for)
+    try:
+        entry = json.loads(await client.hget(DIRECTORY_KEY, "cam"))
+        assert entry["node"] == "node-a" and time.time() - entry["heartbeat"] < 1
+        new.add_track(track)
+        for sample in samples[:40]:
+            new.add_sample(track.name, sample)
+        deadline = time.monotonic() + 5
+        while not any(isinstance(event, SegmentOpened) for event in told):
+            assert time.monotonic() < deadline, "the new stream is still held"
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(second.wait_drained(), 5)
+        first_new = next(event for event in told if isinstance(event, SegmentOpened))
+        assert (first_new.msn, first_new.discontinuity) == (2, True)
+        playlist = new.media_playlist(track.name)
+        assert re.search(r"seg0\.m4s\n.*seg1\.m4s\n#EXT-X-DISCONTINUITY\n", playlist, re.S)
+        assert await new.fetch_object(track.name, "seg1.m4s")  # joined from the old parts
+        logged = [decode_event(f) for _, f in await client.xrange(events_key("cam"))]
+        msns = [event.msn for event in logged if isinstance(event, SegmentOpened)]
+        assert msns[:3] == [0, 1, 2] and msns == sorted(set(msns))  # one log, continued
+        assert json.loads(await client.hget(DIRECTORY_KEY, "cam"))["node"] == "node-b"
+        # The old node is alive: its next heartbeat finds the claim, and it stops writing.
+        await asyncio.sleep(0.6)
+        assert json.loads(await client.hget(DIRECTORY_KEY, "cam"))["node"] == "node-b"
+        assert first.stats().streams == 0
+        length = await client.xlen(events_key("cam"))
+        for sample in samples[46:80]:
+            old.add_sample(track.name, sample)
+        await asyncio.wait_for(first.wait_drained(), 5)
+        assert await client.xlen(events_key("cam")) == length
+    finally:
+        await first.close()
+        await second.close()
 
 async def test_sentinel_finds_the_master(tmp_path):
     with redis_server(tmp_path / "master") as master:
