@@ -190,7 +190,8 @@ def node_environment(**extra: str) -> dict[str, str]:
     # Every simulated client comes from 127.0.0.1: the per-address cap on concurrent requests
     # (edge/limits.py, 256 by default) would refuse most of them with 429.
     env.update({"JWT_SECRET": BENCH_SECRET, "LADDER": LOAD_LADDER, "X264_PRESET": "ultrafast",
-                "LOG_LEVEL": "info", "MAX_REQUESTS_PER_ADDRESS": "0"})
+                "LOG_LEVEL": "info", "MAX_REQUESTS_PER_ADDRESS": "0",
+                "MAX_CONNECTIONS_PER_ADDRESS": "0"})
     env.update(extra)
     return env
 

@@ -15,15 +15,24 @@ Three parts, each usable alone:
 * ``ContainerDemuxer``: opens the reader with PyAV in the calling thread (the caller starts one)
   with a small probe, so decoding starts after a few KiB rather than FFmpeg's default 5 MB / 5 s,
   and decodes into a frame consumer (a ``LadderTranscoder``), paced to the media clock by default.
+
+The frame rate a consumer is told (``decide_frame_rate``) is measured from the first decoded
+frames' timestamps, not taken from FFmpeg's guess at opening: a small probe holds less than one
+large keyframe, and then FFmpeg's ``r_frame_rate`` is the H.264 field rate (20 for a 10 fps
+source); a browser's WebM has a millisecond time base and no nominal rate at all. The first
+``FRAME_RATE_FRAMES`` video frames are held back for it (a tenth of a second at 30 fps), never more
+than ``FRAME_RATE_HOLD_SECONDS`` of media or ``FRAME_RATE_HOLD_BYTES`` of pictures.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from fractions import Fraction
 
 import av
 
@@ -38,7 +47,19 @@ MP4_FIRST_BOXES = frozenset({b"ftyp", b"styp", b"moov", b"moof", b"free", b"skip
 PROBE_BYTES = 32 * 1024  # FFmpeg's probesize while opening: enough for headers and a first keyframe
 ANALYZE_SECONDS = 0.5  # FFmpeg's analyzeduration while opening
 READ_CHUNK = 32 * 1024  # bytes PyAV asks for per read (its I/O buffer)
-MIN_FRAME_RATE, MAX_FRAME_RATE = 1.0, 120.0  # a nominal rate outside this is not believed
+MIN_FRAME_RATE, MAX_FRAME_RATE = 1.0, 120.0  # a rate outside this is not believed
+FRAME_RATE_FRAMES = 4  # video frames whose timestamps decide the frame rate: 3 intervals, so
+# one odd interval (a browser's first frame often comes late) is outvoted
+FRAME_RATE_HOLD_SECONDS = 0.5  # video time held at most before deciding with fewer frames
+FRAME_RATE_HOLD_BYTES = 64 * 1024 * 1024  # decoded pictures held at most (four 4K frames: 50 MB)
+FRAME_RATE_HOLD_FRAMES = 64  # frames (audio included) held at most, should none carry a time
+RATE_AGREEMENT = 0.05  # a nominal rate within 5 % of the measured one is taken as exact
+# Without one, a measured rate within 5 % of a common rate is taken as that rate: 3 intervals of
+# timestamps a few milliseconds late (a browser's) can be that far off. NTSC rates are absent on
+# purpose: such timestamps cannot tell 29.97 from 30, and 30 is what browsers capture at.
+COMMON_FRAME_RATES = (10.0, 12.0, 15.0, 20.0, 24.0, 25.0, 30.0, 48.0, 50.0, 60.0, 90.0, 120.0)
+RATE_SNAP = 0.02  # else a measured rate within 2 % of a whole number is rounded to it
+INTERVAL_OUTLIER = 0.2  # a frame interval this far (relative) from the median is not measured
 
 
 class ContainerFormat(enum.Enum):
@@ -174,43 +195,123 @@ class ByteStreamReader:
         return data
 
 
-def nominal_frame_rate(stream: av.video.stream.VideoStream) -> float | None:
-    """The frame rate a video stream announces, in frames per second, or None when it tells
-    nothing believable. FFmpeg's ``r_frame_rate`` guess first: read from a pipe, a fragmented MP4's
-    average rate comes from its first frame alone, whose duration also holds the audio priming
-    (18.3 fps for a 30 fps stream). Matroska's millisecond time base can make either guess 1000."""
-    for rate in (stream.guessed_rate, stream.average_rate):
-        if rate and MIN_FRAME_RATE <= float(rate) <= MAX_FRAME_RATE:
-            return float(rate)
-    return None
+def nominal_frame_rates(stream: av.video.stream.VideoStream) -> tuple[Fraction | None, ...]:
+    """What a video stream announces as its frame rate, best first: the codec's own (the H.264
+    SPS timing), FFmpeg's ``r_frame_rate`` guess, the average rate. Any may be missing or wrong:
+    read from a pipe, a fragmented MP4's average rate comes from its first frame alone, whose
+    duration also holds the audio priming (18.3 fps for a 30 fps stream); with a short probe the
+    guess is the field rate; Matroska's millisecond time base can make either guess 1000."""
+    return (stream.codec_context.framerate, stream.guessed_rate, stream.average_rate)
+
+
+def decide_frame_rate(frame_times: Sequence[float],
+                      nominal: Sequence[Fraction | float | None]) -> float | None:
+    """Frames per second from the first video frames' presentation times (seconds), or None when
+    neither they nor ``nominal`` tell anything believable.
+
+    The measured rate is the mean of the intervals between the frames that are within
+    ``INTERVAL_OUTLIER`` of their median (a late first frame does not count). The closest
+    ``nominal`` rate within ``RATE_AGREEMENT`` of it wins, because it is exact (29.97, not 30.3
+    from millisecond timestamps); else the nearest of ``COMMON_FRAME_RATES`` within
+    ``RATE_AGREEMENT`` (so 29.97 becomes 30), else the measured rate, rounded to a whole number
+    when within ``RATE_SNAP``. With fewer than two distinct times, the first believable nominal
+    rate."""
+    believable = [float(rate) for rate in nominal
+                  if rate and MIN_FRAME_RATE <= float(rate) <= MAX_FRAME_RATE]
+    times = sorted(frame_times)
+    intervals = [later - earlier for earlier, later in zip(times, times[1:]) if later > earlier]
+    if not intervals:
+        return believable[0] if believable else None
+    median = statistics.median(intervals)
+    usual = [i for i in intervals if abs(i - median) <= INTERVAL_OUTLIER * median]
+    measured = len(usual) / sum(usual)
+    agreeing = [rate for rate in believable if abs(rate - measured) <= RATE_AGREEMENT * measured]
+    if agreeing:
+        return min(agreeing, key=lambda rate: abs(rate - measured))  # the first of equals
+    if not MIN_FRAME_RATE <= measured <= MAX_FRAME_RATE:
+        return believable[0] if believable else None
+    common = min(COMMON_FRAME_RATES, key=lambda rate: abs(rate - measured))
+    if abs(common - measured) <= RATE_AGREEMENT * measured:
+        return common
+    whole = round(measured)
+    return float(whole) if abs(whole - measured) <= RATE_SNAP * measured else measured
 
 
 class _WatchedConsumer:
-    """Forwards to a ``FrameConsumer``, counting frames; the frame-rate hint comes from
-    ``nominal_frame_rate`` (``pump``'s own hint is dropped); after ``stop`` is set, frames are
-    dropped (the consumer's owner may be closing it already)."""
+    """Forwards to a ``FrameConsumer``, counting frames; after ``stop`` is set, frames are dropped
+    (the consumer's owner may be closing it already).
+
+    After ``hold_for_frame_rate``, frames are kept back (audio too, so the consumer sees them in
+    the stream's order) until ``decide_frame_rate`` has its frames; then the consumer is told the
+    rate and given them. ``pump``'s own hint (FFmpeg's guess) is dropped."""
 
     def __init__(self, consumer: FrameConsumer, stop: threading.Event) -> None:
         self._consumer = consumer
         self._stop = stop
         self.frames = 0
         self.last_frame_at: float | None = None  # time.monotonic()
+        self._held: list[av.VideoFrame | av.AudioFrame] | None = None
+        self._held_video = 0
+        self._held_video_times: list[float] = []
+        self._held_bytes = 0
+        self._nominal: tuple[Fraction | None, ...] = ()
+
+    def hold_for_frame_rate(self, nominal: tuple[Fraction | None, ...]) -> None:
+        """Keep frames back until the frame rate is decided; ``nominal`` as ``decide_frame_rate``
+        takes it."""
+        self._nominal = nominal
+        self._held = []
+
+    def release(self) -> None:
+        """Decide the frame rate with the frames held so far and hand them over (no-op unless
+        holding)."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        self._consumer.hint_frame_rate(decide_frame_rate(self._held_video_times, self._nominal))
+        for frame in held:
+            if self._stop.is_set():
+                return
+            if isinstance(frame, av.VideoFrame):
+                self._consumer.push_video(frame)
+            else:
+                self._consumer.push_audio(frame)
 
     def hint_frame_rate(self, frames_per_second: float | None) -> None:
-        pass  # pump's hint (average rate first) is replaced by nominal_frame_rate's
-
-    def hint_nominal_frame_rate(self, frames_per_second: float | None) -> None:
-        self._consumer.hint_frame_rate(frames_per_second)
+        pass  # pump's hint is FFmpeg's guess; ours comes from release()
 
     def push_video(self, frame: av.VideoFrame) -> None:
-        if not self._stop.is_set():
-            self._seen()
+        if self._stop.is_set():
+            return
+        self._seen()
+        if self._held is None:
             self._consumer.push_video(frame)
+            return
+        self._held.append(frame)
+        self._held_video += 1
+        if frame.time is not None:
+            self._held_video_times.append(frame.time)
+        self._held_bytes += sum(plane.buffer_size for plane in frame.planes)
+        self._release_when_decided()
 
     def push_audio(self, frame: av.AudioFrame) -> None:
-        if not self._stop.is_set():
-            self._seen()
+        if self._stop.is_set():
+            return
+        self._seen()
+        if self._held is None:
             self._consumer.push_audio(frame)
+            return
+        self._held.append(frame)
+        self._release_when_decided()
+
+    def _release_when_decided(self) -> None:
+        # Video times only: a muxer may interleave audio far ahead of the video.
+        times = self._held_video_times
+        span = max(times) - min(times) if times else 0.0
+        if self._held_video >= FRAME_RATE_FRAMES or span >= FRAME_RATE_HOLD_SECONDS \
+                or self._held_bytes >= FRAME_RATE_HOLD_BYTES \
+                or len(self._held or ()) >= FRAME_RATE_HOLD_FRAMES:
+            self.release()
 
     def _seen(self) -> None:
         self.frames += 1
@@ -277,10 +378,11 @@ class ContainerDemuxer:
                                    f"{_describe(exc)}") from exc
         try:
             if container.streams.video:
-                self._consumer.hint_nominal_frame_rate(
-                    nominal_frame_rate(container.streams.video[0]))
+                self._consumer.hold_for_frame_rate(
+                    nominal_frame_rates(container.streams.video[0]))
             pacer = Pacer(self._unpaced) if self._realtime else None
             frames = pump(container, self._consumer, pacer, self._stop)
+            self._consumer.release()  # an input shorter than the frames held back
         except (av.FFmpegError, SourceError) as exc:
             raise UnsupportedMedia(_describe(exc)) from exc
         finally:

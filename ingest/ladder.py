@@ -14,11 +14,16 @@ Rules (``plan_ladder``):
   rung (the cheapest, the one meant for the weakest viewers) is kept under its own name at the source
   size, its bitrate scaled down by the pixel-count ratio (never below ``MIN_FALLBACK_BITRATE``, never
   above its configured bitrate).
+
+When the source changes size mid-stream (``replan_ladder``), every rung already listed to viewers
+goes on: players such as hls.js never re-read the multivariant playlist, so a rung that stopped
+would leave its viewers waiting. A listed rung whose fitted size is now above the source is encoded
+at the source's own (even) size with its own bitrate cap, until the source grows back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
 ASPECT_TOLERANCE = 0.01  # relative difference under which a box counts as having the source's aspect
@@ -55,6 +60,27 @@ def plan_ladder(rungs: Sequence[RungSpec], source_width: int, source_height: int
     if planned:
         return planned
     return [_fallback_rung(rungs, source_width, source_height)]
+
+
+def replan_ladder(rungs: Sequence[RungSpec], listed: Set[str], source_width: int,
+                  source_height: int) -> list[RungSpec]:
+    """The rungs to encode for a source that changed size to ``source_width`` x ``source_height``,
+    when the rungs named in ``listed`` were already announced: ``plan_ladder``'s rungs, plus every
+    listed rung it leaves out, at its fitted size capped at the source's (never upscaled, even,
+    the source's aspect), with its configured bitrate and frame-rate cap. Order follows ``rungs``;
+    two rungs may then have the same size. With nothing listed, this is ``plan_ladder``."""
+    planned = {rung.name: rung for rung in plan_ladder(rungs, source_width, source_height)}
+    replanned: list[RungSpec] = []
+    for rung in rungs:
+        if rung.name in planned:
+            replanned.append(planned[rung.name])
+        elif rung.name in listed:
+            width, height = fit_size(rung.width, rung.height, source_width, source_height)
+            if width > source_width or height > source_height:
+                width, height = _even(source_width), _even(source_height)
+            replanned.append(RungSpec(rung.name, width, height, rung.video_bitrate,
+                                      rung.max_frame_rate))
+    return replanned
 
 
 def fit_size(box_width: int, box_height: int, source_width: int, source_height: int) -> tuple[int, int]:

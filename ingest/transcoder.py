@@ -22,6 +22,10 @@ its next queued frame is forced to IDR instead: that rung's segment starts late 
 
 After a discontinuity (a reconnect, or a source size change that re-plans the ladder) the output
 clock resumes on the next segment grid point, so the first frame of the new period is a boundary.
+
+A size change never stops a rung once it was declared (``replan_ladder``): a rung above the new
+source size is encoded at the source size, re-declared (a new init segment), and returns to its own
+size, re-declared again, when the source grows back. Every rung thus keeps the same segments.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from av.codec.context import Flags
 from av.video.frame import PictureType
 from av.video.reformatter import Interpolation, VideoReformatter
 
-from ingest.ladder import RungSpec, plan_ladder
+from ingest.ladder import RungSpec, replan_ladder
 from ingest.media import (AUDIO_SAMPLE_RATE, VIDEO_TIMESCALE, EncodedSample, MediaSink, TrackInfo,
                           TrackKind)
 from ingest.passthrough import SOURCE_RENDITION, H264Passthrough
@@ -129,6 +133,7 @@ class LadderTranscoder:
         self._retired_dropped = 0  # frames dropped by the workers of earlier plans
         self._last_plan: list[_RungWorker] = []  # the latest plan's workers, reported after close
         self._source_size: tuple[int, int] | None = None
+        self._listed: set[str] = set()  # rungs declared so far: each must go on producing
         self._frame_rate_hint: float | None = None
         self._frame_rate = DEFAULT_FRAME_RATE
         self._next_boundary = 0  # 90 kHz ticks; frames at or after it start a segment
@@ -266,7 +271,8 @@ class LadderTranscoder:
         self._workers = [
             _RungWorker(spec, self._frame_rate, self._segment_ticks / VIDEO_TIMESCALE, self._x264,
                         self._queue_frames, self._block_on_full, self._declare, self._emit_sample)
-            for spec in plan_ladder(self._specs, frame.width, frame.height)]
+            for spec in replan_ladder(self._specs, self._listed, frame.width, frame.height)]
+        self._listed.update(worker.spec.name for worker in self._workers)
         self._force_boundary = True
 
     def _new_period(self) -> None:

@@ -6,12 +6,14 @@ import io
 import random
 import threading
 import time
+from fractions import Fraction
 
 import av
 import pytest
 
-from ingest.container import (PROBE_HEAD_BYTES, ByteStreamReader, ContainerDemuxer, ContainerFormat,
-                              UnsupportedMedia, probe_container)
+from ingest.container import (FRAME_RATE_FRAMES, PROBE_BYTES, PROBE_HEAD_BYTES, ByteStreamReader,
+                              ContainerDemuxer, ContainerFormat, UnsupportedMedia,
+                              decide_frame_rate, nominal_frame_rates, probe_container)
 from tests.media_files import encode_lavfi
 
 pytestmark = pytest.mark.timeout(60)
@@ -356,3 +358,103 @@ def test_an_mp4_with_its_index_at_the_end_cannot_be_streamed():
                                     realtime=False))
     run.join()
     assert isinstance(run.error, UnsupportedMedia)
+
+
+# -- the frame rate ------------------------------------------------------------------------------
+
+def browser_webm(seconds: float = 2.0, rate: int = 30, jitter_ms: int = 4) -> bytes:
+    """VP8 in WebM as a browser's MediaRecorder writes it: a millisecond time base, no nominal
+    frame rate, each frame's timestamp a few milliseconds late (fixed seed)."""
+    generator = random.Random(5)
+    buffer = io.BytesIO()
+    with av.open(f"testsrc2=size=320x180:rate={rate}", format="lavfi") as source, \
+            av.open(buffer, "w", format="webm") as output:
+        video = output.add_stream("libvpx", options={"deadline": "realtime", "cpu-used": "8"})
+        video.width, video.height, video.pix_fmt = 320, 180, "yuv420p"
+        video.codec_context.time_base = video.time_base = Fraction(1, 1000)
+        for index, frame in enumerate(source.decode(video=0)):
+            if frame.time >= seconds:
+                break
+            late = generator.randint(0, jitter_ms) if index else 0
+            frame.pts = round(index * 1000 / rate) + late
+            frame.time_base = Fraction(1, 1000)
+            output.mux(video.encode(frame))
+        output.mux(video.encode(None))
+    return buffer.getvalue()
+
+
+def decoded_hints(data: bytes, container_format: ContainerFormat) -> RecordingConsumer:
+    reader = ByteStreamReader(capacity=len(data) + 1)
+    feed_all(reader, data)
+    reader.end_input()
+    consumer = RecordingConsumer()
+    run = DemuxRun(ContainerDemuxer(reader, container_format, consumer, realtime=False))
+    run.join()
+    assert run.error is None
+    return consumer
+
+
+def opened_guess(data: bytes, container_format: ContainerFormat) -> tuple[Fraction | None, ...]:
+    """What FFmpeg announces after opening ``data`` with our probe size."""
+    reader = ByteStreamReader(capacity=len(data) + 1)
+    feed_all(reader, data)
+    reader.end_input()
+    with av.open(reader, format=container_format.value,
+                 options={"probesize": str(PROBE_BYTES), "analyzeduration": "500000"}) as container:
+        return nominal_frame_rates(container.streams.video[0])
+
+
+@pytest.mark.parametrize("rate", [10, 25])
+def test_a_large_h264_source_in_mpeg_ts_keeps_its_frame_rate(rate):
+    # A 1080p keyframe is larger than the probe: FFmpeg's guess is then the field rate.
+    data = encode_test_media("mpegts", "libx264", "aac", seconds=1.0, size=(1920, 1080),
+                             rate=rate)
+    assert float(opened_guess(data, ContainerFormat.MPEGTS)[1]) == 2 * rate  # the trap
+    consumer = decoded_hints(data, ContainerFormat.MPEGTS)
+    assert consumer.hints == [float(rate)]
+    assert len(consumer.video) == rate  # the frames held back for the decision all came through
+
+
+@pytest.mark.parametrize("container, video_codec, audio_codec, options", [
+    ("mpegts", "libx264", "aac", None),
+    ("webm", "libvpx", "libopus", None),
+    ("mp4", "libx264", "aac", FRAGMENTED_MP4),
+])
+def test_a_25_fps_source_is_announced_at_25(container, video_codec, audio_codec, options):
+    data = encode_test_media(container, video_codec, audio_codec, rate=25, options=options)
+    consumer = decoded_hints(data, probe_container(data[:PROBE_HEAD_BYTES]))
+    assert consumer.hints == [25.0]
+    assert len(consumer.video) == pytest.approx(50, abs=2)
+
+
+def test_a_browser_webm_with_millisecond_timestamps_is_measured_not_guessed():
+    data = browser_webm()
+    assert 30 not in [float(r) for r in opened_guess(data, ContainerFormat.MATROSKA) if r]
+    consumer = decoded_hints(data, ContainerFormat.MATROSKA)
+    assert consumer.hints == [30.0]
+    assert len(consumer.video) == 60
+
+
+def test_an_input_shorter_than_the_frames_held_back_is_still_decoded():
+    data = encode_test_media("mpegts", "libx264", "aac", seconds=(FRAME_RATE_FRAMES - 2) / 30)
+    consumer = decoded_hints(data, ContainerFormat.MPEGTS)
+    assert 1 <= len(consumer.video) < FRAME_RATE_FRAMES  # handed over at the end of the input
+    assert consumer.hints == [30.0]
+
+
+@pytest.mark.parametrize("times, nominal, expected", [
+    ([0.0, 0.1, 0.2, 0.3], [None, Fraction(20), None], 10.0),  # a field-rate guess is ignored
+    ([0.0, 1001 / 30000, 2002 / 30000, 3003 / 30000], [Fraction(30000, 1001)], 30000 / 1001),
+    ([0.0, 0.033, 0.067, 0.1], [None, Fraction(1000), None], 30.0),  # ms timestamps, rounded
+    ([0.0, 0.2, 0.233, 0.267], [], 30.0),  # the median ignores one late frame
+    ([0.0, 0.04, 0.08, 0.12], [Fraction(24), Fraction(25)], 25.0),  # the nominal rate that agrees
+    ([0.0, 1 / 29.97, 2 / 29.97, 3 / 29.97], [], 30.0),  # alone, as close to 30 as ms can tell
+    ([0.0, 0.037, 0.069, 0.102], [], 30.0),  # 29.4 measured: browsers capture at 30
+    ([0.0, 1 / 17.5, 2 / 17.5, 3 / 17.5], [None], pytest.approx(17.5)),  # as measured
+    ([0.0, 1 / 37, 2 / 37, 3 / 37], [], 37.0),
+    ([0.0], [None, Fraction(25), Fraction(128, 7)], 25.0),  # one frame: the stream's word
+    ([0.0, 0.0], [Fraction(500)], None),  # nothing believable
+    ([], [], None),
+])
+def test_decide_frame_rate(times, nominal, expected):
+    assert decide_frame_rate(times, nominal) == expected

@@ -150,12 +150,9 @@ def test_after_kill_9_the_publisher_continues_on_another_edge(failover):
     assert viewer.parts > 20
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after kill -9 the stream restarts at MEDIA-SEQUENCE 0 on the new edge: edge/redis_tier.py "
-    "_decide shadows it while the dead edge's directory heartbeat is fresh (<6 s) and then takes "
-    "the log over as fresh; and origin/live.py resume refuses a log that ends inside a segment, "
-    "which a crash always leaves"))
 def test_after_kill_9_the_media_sequence_continues_with_one_discontinuity(failover):
+    # Edge B resumes the dead edge's log (whose directory heartbeat is still fresh: its log has
+    # gone quiet) and closes the segment the crash left unfinished.
     first = failover.playlists_after[0]
     assert media_sequence(failover.playlists_after[-1]) > 0
     assert last_segment(first.encode()) > failover.newest_before_kill
@@ -251,11 +248,9 @@ def test_a_4k_source_is_capped_at_the_top_rung_not_passed_through(four_k):
     assert four_k.alive
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a 1080p+ H.264 source over the WebSocket ingest (MPEG-TS) is announced at twice its frame "
-    "rate: ingest/container.py probes 32 KiB (PROBE_BYTES), less than one large keyframe, and "
-    "nominal_frame_rate then trusts FFmpeg's r_frame_rate guess, the field rate (20 for 10 fps)"))
 def test_a_4k_source_keeps_its_frame_rate(four_k):
+    # A 4K keyframe is larger than the probe, where FFmpeg's guess is the field rate (20): the
+    # rate comes from the first frames' timestamps (ingest/container.py decide_frame_rate).
     assert re.findall(r"FRAME-RATE=([\d.]+)", four_k.multivariant) == ["10.000", "10.000"]
 
 
@@ -272,7 +267,7 @@ class ResolutionChange:
 def resolution_change(tmp_path_factory) -> ResolutionChange:
     async def scenario() -> ResolutionChange:
         # 640x360 for 4 s, then 320x180 (a publisher lowering its resolution): the 360p rung
-        # would be an upscale, so the ladder is re-planned without it.
+        # would be an upscale, so it goes on at 320x180.
         data = await asyncio.to_thread(encode_ts, 10.0, (640, 360), 30, ((4.0, (320, 180)),))
         with running_node(tmp_path_factory.mktemp("resize"), **SMALL,
                           LADDER="360p:640x360:700k,180p:320x180:250k") as node:
@@ -303,12 +298,16 @@ def test_a_resolution_change_continues_the_remaining_rungs_after_a_discontinuity
     assert len(re.findall(r"^seg\d+\.m4s$", after, re.M)) >= 2  # media after the change
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a rung dropped by a re-plan (ingest/transcoder.py _replan: plan_ladder never upscales) stays "
-    "declared in the window and listed in the multivariant playlist, but its playlist stops: its "
-    "viewers' blocked reloads end in 503 until the source grows back (then its MSNs lag the "
-    "other rungs')"))
 def test_a_resolution_change_leaves_no_rendition_listed_that_stopped(resolution_change):
+    # A rung above the smaller source goes on at the source size (ingest/ladder.py replan_ladder),
+    # after the same one discontinuity as the others, on the same media sequence numbers.
     listed = re.findall(r"^(\w+)/index\.m3u8$", resolution_change.multivariant, re.M)
+    assert {"360p", "180p"} <= set(listed)
     for rendition in listed:
         assert clean(resolution_change.viewers[rendition]) is None, rendition
+    text = resolution_change.playlists["360p"]
+    assert text.count(DISCONTINUITY) == 1
+    assert len(re.findall(r"^seg\d+\.m4s$", text.split(DISCONTINUITY, 1)[1], re.M)) >= 2
+    assert media_sequence(text) == media_sequence(resolution_change.playlists["180p"])
+    assert last_segment(text.encode()) == last_segment(
+        resolution_change.playlists["180p"].encode())

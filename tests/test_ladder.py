@@ -1,6 +1,6 @@
 import pytest
 
-from ingest.ladder import MIN_FALLBACK_BITRATE, RungSpec, fit_size, plan_ladder
+from ingest.ladder import MIN_FALLBACK_BITRATE, RungSpec, fit_size, plan_ladder, replan_ladder
 
 LADDER = (
     RungSpec("1080p", 1920, 1080, 5_000_000),
@@ -78,6 +78,48 @@ def test_fallback_bitrate_never_exceeds_the_configured_one():
     rungs = [RungSpec("low", 640, 360, 64_000)]
     [rung] = plan_ladder(rungs, 320, 180)
     assert rung.video_bitrate == 64_000
+
+
+# -- a source that changes size mid-stream ------------------------------------------------------
+ALL_LISTED = frozenset(rung.name for rung in LADDER)
+
+
+def test_a_listed_rung_above_a_shrunk_source_continues_at_the_source_size():
+    replanned = replan_ladder(LADDER, ALL_LISTED, 1000, 562)
+    # 480p and 360p fit as before; 1080p and 720p are capped at the (even) source size
+    assert sizes(replanned) == [("1080p", 1000, 562), ("720p", 1000, 562), ("480p", 854, 480),
+                                ("360p", 640, 360)]
+    by_name = {rung.name: rung for rung in replanned}
+    assert by_name["1080p"].video_bitrate == 5_000_000  # its bitrate cap stays
+    assert by_name["360p"].max_frame_rate == 30.0
+
+
+def test_a_rung_capped_at_a_source_of_another_aspect_takes_the_source_aspect():
+    # 4:3 640x480: the 720p box fits it at 960x720, an upscale, so 720p is the source size
+    replanned = replan_ladder(LADDER, frozenset({"720p", "360p"}), 641, 481)
+    assert sizes(replanned) == [("720p", 640, 480), ("480p", 640, 480), ("360p", 480, 360)]
+
+
+def test_a_source_below_every_listed_rung_keeps_them_all():
+    replanned = replan_ladder(LADDER, frozenset({"480p", "360p"}), 320, 180)
+    # 360p is plan_ladder's fallback (scaled bitrate); 480p goes on at the source size
+    assert [(r.name, r.width, r.height, r.video_bitrate) for r in replanned] == [
+        ("480p", 320, 180, 1_400_000), ("360p", 320, 180, 200_000)]
+
+
+def test_a_regrown_source_returns_every_rung_to_its_own_size():
+    assert replan_ladder(LADDER, ALL_LISTED, 1920, 1080) == plan_ladder(LADDER, 1920, 1080)
+
+
+def test_replanning_with_nothing_listed_is_plan_ladder():
+    for source in [(1920, 1080), (1000, 562), (320, 180), (720, 1280)]:
+        assert replan_ladder(LADDER, frozenset(), *source) == plan_ladder(LADDER, *source)
+
+
+def test_a_rung_never_listed_joins_only_where_plan_ladder_plans_it():
+    # only 360p was announced: 480p fits and joins; 720p and 1080p wait for a source their size
+    replanned = replan_ladder(LADDER, frozenset({"360p"}), 1000, 562)
+    assert sizes(replanned) == [("480p", 854, 480), ("360p", 640, 360)]
 
 
 @pytest.mark.parametrize("box, source, expected", [

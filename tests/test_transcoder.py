@@ -281,22 +281,63 @@ async def test_a_frame_rate_cap_halves_frames_and_keeps_idr_alignment():
     assert sink.tracks("half")[0].frame_rate == 15.0
 
 
-async def test_a_size_change_replans_the_ladder_after_a_discontinuity():
+def samples_by_period(sink: RecordingSink, name: str) -> list[list[EncodedSample]]:
+    """``name``'s samples, split at each discontinuity."""
+    periods: list[list[EncodedSample]] = [[]]
+    for event in sink.events:
+        if event[0] == "discontinuity":
+            periods.append([])
+        elif event[0] == "sample" and event[1] == name:
+            periods[-1].append(event[2])
+    return periods
+
+
+async def test_a_rung_above_a_shrunk_source_continues_at_the_source_size():
     big = lavfi_frames(640, 360, 1.0, audio=False)
     small = shifted(lavfi_frames(320, 180, 1.0, audio=False), 1.0)
     rungs = (RungSpec("360p", 640, 360, 800_000), RungSpec("180p", 320, 180, 250_000))
     sink = RecordingSink()
     await transcode(sink, push_all(big + small), rungs=rungs)
-    declared = [(e[1].name, e[1].width, e[1].height) for e in sink.events if e[0] == "track"]
-    # 180p is unchanged, so it is not re-declared; 360p now fits the smaller source only at
-    # 320x180, a duplicate of 180p, so it is not encoded any more
-    assert sorted(declared) == [("180p", 320, 180), ("360p", 640, 360)]
-    marker = sink.events.index(("discontinuity",))
-    after = [e[2] for e in sink.events[marker:] if e[0] == "sample"]
-    assert {e[1] for e in sink.events[marker:] if e[0] == "sample"} == {"180p"}
-    assert after[0].keyframe and after[0].pts == 2 * 90_000
-    [track] = sink.tracks("180p")
-    assert len(decode_h264(track, sink.samples("180p"))) == 60
+    declared = [(e[1].name, e[1].width, e[1].height, e[1].bitrate)
+                for e in sink.events if e[0] == "track"]
+    # 180p is unchanged, so it is not re-declared; 360p would be an upscale of the smaller
+    # source, so it goes on at the source size (a new init segment) with its own bitrate cap
+    assert sorted(declared) == [("180p", 320, 180, 250_000), ("360p", 320, 180, 800_000),
+                                ("360p", 640, 360, 800_000)]
+    assert sink.events.index(("discontinuity",)) < max(
+        i for i, e in enumerate(sink.events) if e[0] == "track")
+    periods = {rung.name: samples_by_period(sink, rung.name) for rung in rungs}
+    for name in ("360p", "180p"):
+        before, after = periods[name]
+        assert len(before) == 30 and len(after) == 30, name
+        assert after[0].keyframe and after[0].pts == 2 * 90_000
+        assert keyframe_times(after) == [180_000]
+    # the same output grid on both rungs, before and after the change
+    assert [s.pts for s in periods["360p"][1]] == [s.pts for s in periods["180p"][1]]
+    assert [s.pts for s in periods["360p"][0]] == [s.pts for s in periods["180p"][0]]
+    first, capped = sink.tracks("360p")
+    assert {(f.width, f.height) for f in decode_h264(first, periods["360p"][0])} == {(640, 360)}
+    assert {(f.width, f.height) for f in decode_h264(capped, periods["360p"][1])} == {(320, 180)}
+
+
+async def test_a_capped_rung_returns_to_its_own_size_when_the_source_grows_back():
+    big = lavfi_frames(640, 360, 1.0, audio=False)
+    small = shifted(lavfi_frames(320, 180, 1.0, audio=False), 1.0)
+    again = shifted(lavfi_frames(640, 360, 1.0, audio=False), 2.0)
+    rungs = (RungSpec("360p", 640, 360, 800_000), RungSpec("180p", 320, 180, 250_000))
+    sink = RecordingSink()
+    await transcode(sink, push_all(big + small + again), rungs=rungs)
+    assert [(t.width, t.height) for t in sink.tracks("360p")] == [(640, 360), (320, 180),
+                                                                   (640, 360)]
+    assert len(sink.tracks("180p")) == 1
+    assert sink.events.count(("discontinuity",)) == 2
+    high, low = samples_by_period(sink, "360p"), samples_by_period(sink, "180p")
+    assert [len(p) for p in high] == [len(p) for p in low] == [30, 30, 30]
+    for period_high, period_low in zip(high, low):  # aligned in every period
+        assert [s.pts for s in period_high] == [s.pts for s in period_low]
+        assert keyframe_times(period_high) == keyframe_times(period_low)
+    third = sink.tracks("360p")[2]
+    assert {(f.width, f.height) for f in decode_h264(third, high[2])} == {(640, 360)}
 
 
 async def test_a_larger_source_redeclares_a_rung_at_its_new_size():
