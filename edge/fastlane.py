@@ -113,7 +113,7 @@ class _Parked:
     stream: LiveStream
     rendition: str
     deadline: float  # loop time
-    request_id: str
+    request_id: bytes
     reply: _Reply
     msn: int = -1  # a blocking playlist reload (msn >= 0) ...
     part: int | None = None
@@ -142,18 +142,21 @@ class FastLane:
 
     def __init__(self, hls: HlsRoutes, limits: AddressLimits, settings: LaneSettings,
                  hand_over: Callable[[], asyncio.Protocol],
-                 count: Callable[[str, int], None], stats: LaneStats | None = None) -> None:
+                 count: Callable[[str, int, int], None], stats: LaneStats | None = None
+                 ) -> None:
         self.hls = hls
         self.limits = limits
         self.settings = settings
         self._make_handler = hand_over  # aiohttp's protocol factory (web.Server)
-        self._count = count  # (route, status): the request metric
+        self._count = count  # (route, status, requests): the request metric
         self._loop = asyncio.get_running_loop()
         self._groups: dict[tuple[int, str], _Group] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._connections: set[FastConnection] = set()
         self._per_address: dict[str, int] = {}
-        self._date = (0, b"")
+        self._date_second = 0
+        self._date = ""
+        self._heads: dict[tuple, tuple[bytes, bytes]] = {}
         self._cors = "".join(f"{k}: {v}\r\n" for k, v in settings.cors_headers.items())
         self.stats = stats if stats is not None else LaneStats()
 
@@ -233,7 +236,7 @@ class FastLane:
         if len(steps) not in (2, 3):
             return False
         stream, carried = self.hls.locate(steps[0], token)
-        rid = request_id_for(request.request_id)
+        rid = request_id_for(request.request_id).encode()
         if len(steps) == 2:
             if steps[1] != "index.m3u8" or not stream.is_ready():
                 return False
@@ -273,22 +276,35 @@ class FastLane:
         return self._finish_object(parked)
 
     # -- answers ----------------------------------------------------------------------------------
-    def answer(self, connection: FastConnection, route: str, status: int, content_type: str,
-               cache_control: str, body: bytes, rid: str, reply: _Reply) -> None:
+    def _head(self, status: int, content_type: str, cache_control: str, length: int,
+              reply: _Reply) -> tuple[bytes, bytes]:
+        """An answer's head, as the bytes before and after its request id; made once a second
+        for each shape of answer."""
         now = int(time.time())
-        if self._date[0] != now:
-            self._date = (now, formatdate(now, usegmt=True).encode())
-        head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nCache-Control: {cache_control}\r\n{self._cors}"
-                f"X-Request-Id: {rid}\r\nServer: livedge\r\n{reply.connection_header}").encode() \
-            + b"Date: " + self._date[1] + b"\r\n\r\n"
+        if now != self._date_second:
+            self._date_second, self._date = now, formatdate(now, usegmt=True)
+            self._heads.clear()
+        key = (status, content_type, cache_control, length, reply.connection_header)
+        parts = self._heads.get(key)
+        if parts is None:
+            parts = self._heads[key] = (
+                (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+                 f"Content-Length: {length}\r\nCache-Control: {cache_control}\r\n{self._cors}"
+                 "X-Request-Id: ").encode(),
+                (f"\r\nServer: livedge\r\n{reply.connection_header}Date: {self._date}\r\n\r\n"
+                 ).encode())
+        return parts
+
+    def answer(self, connection: FastConnection, route: str, status: int, content_type: str,
+               cache_control: str, body: bytes, rid: bytes, reply: _Reply) -> None:
+        before, after = self._head(status, content_type, cache_control, len(body), reply)
         if len(body) < 16384:
-            connection.write(head + body)
+            connection.write(b"".join((before, rid, after, body)))
         else:
-            connection.write_both(head, body)
+            connection.write_both(b"".join((before, rid, after)), body)
         self.stats.answered += 1
-        self._count(route, status)
-        connection.answered(reply.keep_alive)
+        self._count(route, status, 1)
+        connection.answered(reply.keep_alive, self._loop.time())
 
     def _finish_playlist(self, parked: _Parked, rendered: dict[tuple, bytes]) -> None:
         key = (parked.rendition, parked.skip, parked.query)
@@ -345,13 +361,18 @@ class FastLane:
         return True
 
     def _wake(self, group: _Group) -> None:
-        """The rendition changed: answer what is ready now, keep the rest parked."""
+        """The rendition changed: answer what is ready now, keep the rest parked. The hot loop of
+        blocking reloads: one render and one head per shape of answer, counters summed."""
         group.armed = False
         waiting: deque[_Parked] = deque()
         states: dict[tuple, Readiness] = {}
-        rendered: dict[tuple, bytes] = {}
+        wires: dict[tuple, tuple[bytes, bytes]] = {}  # (skip, query, connection) -> head, tail
+        leaving: dict[str, int] = {}
+        now = self._loop.time()
+        unparked = playlists = 0
         for parked in group.parked:
-            if parked.connection.parked is not parked:
+            connection = parked.connection
+            if connection.parked is not parked:
                 continue  # its connection closed
             key = (parked.name, parked.msn, parked.part)
             state = states.get(key)
@@ -360,13 +381,33 @@ class FastLane:
             if state is Readiness.WAIT:
                 waiting.append(parked)
                 continue
-            self._unpark(parked)
+            connection.parked = None
+            unparked += 1
+            leaving[connection.address] = leaving.get(connection.address, 0) + 1
             if state is Readiness.READY and not parked.name:
-                self._finish_playlist(parked, rendered)
+                reply = parked.reply
+                shape = (parked.skip, parked.query, reply.connection_header)
+                wire = wires.get(shape)
+                if wire is None:
+                    body = group.stream.media_playlist(parked.rendition, parked.skip,
+                                                       parked.query).encode()
+                    before, after = self._head(200, PLAYLIST_CONTENT_TYPE,
+                                               PLAYLIST_CACHE_CONTROL, len(body), reply)
+                    wire = wires[shape] = (before, after + body)
+                connection.write(wire[0] + parked.request_id + wire[1])
+                playlists += 1
+                connection.answered(reply.keep_alive, now)
             elif not (state is Readiness.READY and self._finish_object(parked)):
                 # 400 or 404, or a read through the lower tiers: aiohttp answers it.
-                parked.connection.hand_over(replay=parked.reply.head)
+                connection.hand_over(replay=parked.reply.head)
         group.parked = waiting
+        self.hls.counters.blocked_requests -= unparked
+        self.stats.parked -= unparked
+        for address, count in leaving.items():
+            self.limits.leave(address, count)
+        if playlists:
+            self.stats.answered += playlists
+            self._count(_ROUTE_PLAYLIST, 200, playlists)
         self._rearm(group)
 
     def _rearm(self, group: _Group) -> None:
@@ -519,12 +560,12 @@ class FastConnection(asyncio.Protocol):
     def write_both(self, head: bytes, body: bytes) -> None:
         self.transport.writelines((head, body))  # type: ignore[union-attr]
 
-    def answered(self, keep_alive: bool) -> None:
+    def answered(self, keep_alive: bool, now: float) -> None:
         """A request was answered: close, or give the next one the full read deadline."""
         if not keep_alive:
             self.close()
             return
-        self._idle_deadline = self.lane._loop.time() + self.lane.settings.read_timeout
+        self._idle_deadline = now + self.lane.settings.read_timeout
         if self.parked is None and self._buffer and not self._closing:
             # Requests pipelined behind an answered parked one. Later, not inside a wake loop.
             self.lane._loop.call_soon(self._process)

@@ -228,9 +228,12 @@ class AddressLimits:
         self._in_flight[address] += 1
         return None
 
-    def leave(self, address: str) -> None:
-        self._in_flight[address] -= 1
-        if self._in_flight[address] <= 0:
+    def leave(self, address: str, count: int = 1) -> None:
+        """Count ``count`` requests of ``address`` out."""
+        left = self._in_flight[address] - count
+        if left > 0:
+            self._in_flight[address] = left
+        else:
             del self._in_flight[address]
 
     def in_flight(self, address: str) -> int:

@@ -55,11 +55,11 @@ def fast_lane(app: web.Application, runner: web.AppRunner, settings: Settings) -
     requests = app[METRICS].http_requests
     counted: dict[tuple[str, int], object] = {}
 
-    def count(route: str, status: int) -> None:
+    def count(route: str, status: int, answers: int) -> None:
         child = counted.get((route, status))
         if child is None:
             child = counted[(route, status)] = requests.labels(route, str(status))
-        child.inc()  # type: ignore[attr-defined]
+        child.inc(answers)  # type: ignore[attr-defined]
 
     lane_settings = LaneSettings(settings.http_read_timeout, settings.max_connections_per_address,
                                  CORS_HEADERS, enabled=settings.fast_lane)
