@@ -84,6 +84,20 @@ def sample_process(pid: int) -> ProcSample:
     return ProcSample(time.monotonic(), rss, cpu, len(os.listdir(f"/proc/{pid}/fd")), threads)
 
 
+def child_pids(parent: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == parent:
+                    children.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return children
+
+
 def cpu_share(before: ProcSample, after: ProcSample) -> float:
     """CPU seconds per wall second between two samples (1.0 = one core busy)."""
     return (after.cpu - before.cpu) / max(1e-9, after.at - before.at)
@@ -156,8 +170,20 @@ class NodeProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    def pids(self) -> list[int]:
+        """The node's process and its children (HTTP workers)."""
+        return [self.process.pid, *child_pids(self.process.pid)]
+
     def sample(self) -> ProcSample:
-        return sample_process(self.process.pid)
+        """The node's process and its HTTP workers, summed."""
+        samples = []
+        for pid in self.pids():
+            try:
+                samples.append(sample_process(pid))
+            except OSError:
+                continue  # a worker that ended meanwhile
+        return ProcSample(samples[0].at, sum(s.rss for s in samples), sum(s.cpu for s in samples),
+                          sum(s.fds for s in samples), sum(s.threads for s in samples))
 
     def log(self) -> str:
         if self.log_path is None or not self.log_path.exists():

@@ -337,14 +337,14 @@ def run_step(node, path: str, count: int, seconds: float, offset: float,
                                     "--nonblocking", "--format", output],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         loaded = node.sample()
-        others_before = others_cpu({node.pid, os.getpid()})
+        others_before = others_cpu({*node.pids(), os.getpid()})
         pool.recording = True
         pool.run_for(seconds / 2)
         middle = node.sample()
         pool.run_for(seconds / 2)
         pool.recording = False
         after = node.sample()
-        others_after = others_cpu({node.pid, os.getpid()})
+        others_after = others_cpu({*node.pids(), os.getpid()})
         connected = pool.connected
     finally:
         pool.close()
@@ -397,6 +397,7 @@ def main() -> None:
     parser.add_argument("--counts", default="1000,5000,10000")
     parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per step")
     parser.add_argument("--part", type=float, default=1 / 3, help="part duration, seconds")
+    parser.add_argument("--workers", type=int, default=1, help="HTTP_WORKERS of the node")
     parser.add_argument("--profile", type=int, default=0, help="py-spy the node at this count")
     parser.add_argument("--keep-logs", action="store_true", help="copy each node's log here")
     parser.add_argument("--profile-format", choices=["svg", "txt"], default="svg",
@@ -415,7 +416,7 @@ def main() -> None:
             # long ramp stay idle until every waiter is connected.
             with running_node(Path(scratch), "--demo", LADDER="180p:320x180:250k",
                               SEGMENT_DURATION="2", PART_DURATION=f"{args.part:.3f}",
-                              HTTP_READ_TIMEOUT="300") as node:
+                              HTTP_READ_TIMEOUT="300", HTTP_WORKERS=str(args.workers)) as node:
                 wait_for_stream(node.url, STREAM)
                 offset = calibrate(node.port, path)
                 print(f"node pid {node.pid}; production estimate offset {offset * 1000:.1f} ms "

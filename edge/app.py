@@ -29,6 +29,8 @@ from edge.redis_tier import RedisConfig, RedisTier, connect
 from edge.replica import LocalResumer, ObjectReader, ReplicaDirectory
 from edge.eventlog import LocalEventLog
 from edge.fleet import Fleet, FleetSettings, fleet_secret
+from edge.peer_api import FleetCredential, PeerApi
+from edge.workers import MainProcessLink, forwarded_client_middleware, new_worker_secret
 from edge.membership import GossipSettings, decode_key
 from edge.peer_fill import FleetSource, timings_for
 from origin.packager import PackagerSettings
@@ -44,6 +46,7 @@ log = logging.getLogger("livedge.app")
 
 NODE = web.AppKey("node", Node)
 HLS = web.AppKey("hls", HlsRoutes)
+WORKER_SECRET = web.AppKey("worker_secret", object)  # str, when this node starts HTTP workers
 LANE_STATS = web.AppKey("lane_stats", LaneStats)  # filled by the fast lane edge/serve.py starts
 PUBLISHING = web.AppKey("publishing", Publishing)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
@@ -165,6 +168,17 @@ def build_tiers(settings: Settings, node: Node, cache: MemoryCache,
     return CacheTiers(tier, fleet, reader, replicas)
 
 
+def build_worker_tiers(settings: Settings, node: Node, cache: MemoryCache,
+                       link: MainProcessLink) -> CacheTiers:
+    """An HTTP worker's only tier below memory: its main process, through the peer API."""
+    live = LiveSettings(settings.segment_duration, settings.part_duration, settings.window_segments)
+    part_target = PackagerSettings(settings.segment_duration, settings.part_duration).part_target
+    source = FleetSource(link, timings_for(live))
+    reader = ObjectReader(cache, source)
+    return CacheTiers(None, None, reader, ReplicaDirectory(node, source, reader, cache, live,
+                                                           part_target))
+
+
 def build_app(settings: Settings, verifier: TokenVerifier | None = None,
               loader: Callable[[], Settings] | None = None) -> web.Application:
     cache = MemoryCache(max_bytes=settings.cache_memory)
@@ -175,8 +189,11 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     verifier = verifier or build_verifier(settings)
     event_log = LocalEventLog(node.live_stream)
     node.stream_listeners.append(event_log.on_window_event)
-    tiers = build_tiers(settings, node, cache,
-                        lambda lookup: build_fleet(settings, node, lookup, event_log))
+    link = MainProcessLink(settings.worker_of, settings.worker_secret or "") \
+        if settings.worker_of else None
+    tiers = build_worker_tiers(settings, node, cache, link) if link else \
+        build_tiers(settings, node, cache,
+                    lambda lookup: build_fleet(settings, node, lookup, event_log))
     streams = tiers.replicas if tiers else node  # streams made here first, then replicas
     if tiers and tiers.fleet:
         fleet = tiers.fleet
@@ -248,7 +265,12 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
         return response
 
     limits = AddressLimits(LimitSettings.from_settings(settings))
-    app = web.Application(middlewares=[errors_and_cors, limits_middleware(limits)],
+    middlewares = [errors_and_cors, limits_middleware(limits)]
+    worker_secret = None
+    if settings.http_workers > 1 and link is None:
+        worker_secret = new_worker_secret()
+        middlewares.insert(0, forwarded_client_middleware(worker_secret))
+    app = web.Application(middlewares=middlewares,
                           client_max_size=1024 * 1024,
                           handler_args=server_handler_args(settings))
     app[LIMITS] = limits
@@ -264,20 +286,34 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
                                      status=400)
         return web.json_response({"reloaded": ["jwt keys", "log level"]})
 
-    app.router.add_post("/api/reload", reload_handler)
     app[VERIFIER] = verifier
     app[METRICS] = metrics
     hls.add_to(app)
     app[HLS] = hls
     app[LANE_STATS] = LaneStats()
-    ApiRoutes(node, metrics, authorize,
-              publishers=lambda: app[WHIP].stats() if WHIP in app else {}).add_to(app)
-    WebRoutes(node, PageSettings(settings.playback_auth == "token", settings.ws_port)).add_to(app)
+    app[WORKER_SECRET] = worker_secret
+    # An HTTP worker (edge/workers.py) serves LL-HLS; its main process answers everything else.
     is_origin = settings.role == "origin"  # a shield and directory: nothing is published here
-    if not is_origin:
+    ingests = not is_origin and link is None
+    if link is not None:
+        link.add_to(app)
+    else:
+        app.router.add_post("/api/reload", reload_handler)
+        ApiRoutes(node, metrics, authorize,
+                  publishers=lambda: app[WHIP].stats() if WHIP in app else {}).add_to(app)
+        WebRoutes(node, PageSettings(settings.playback_auth == "token", settings.ws_port)
+                  ).add_to(app)
+    if ingests:
         WhipRoutes.from_settings(settings, publishing, authorize).add_to(app)
     if tiers and tiers.fleet:
         tiers.fleet.add_to(app, lambda request: authorize(request, Scope.ADMIN, None))
+    if worker_secret is not None:  # the peer API this node's workers follow its streams through
+        worker_credential = FleetCredential(worker_secret.encode(), "main")
+        if tiers and tiers.fleet:
+            tiers.fleet.api.credentials.append(worker_credential)
+        else:
+            PeerApi("main", streams.live_stream, event_log, lambda: {},
+                    [worker_credential]).add_to(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         lag_probe = asyncio.create_task(metrics.probe_loop_lag(), name="loop-lag")
@@ -285,8 +321,10 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
             await tiers.redis.start()  # before any stream: a restarted node resumes from it
         if tiers and tiers.fleet:
             await tiers.fleet.start()
+        if link is not None:
+            await link.start()
         ws_ingest = None
-        if not is_origin:
+        if ingests:
             for name, url in settings.pull_streams:
                 await node.add_pull(name, url)
             if settings.demo:
@@ -310,6 +348,8 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
             await tiers.replicas.close()
         if tiers and tiers.redis:
             await tiers.redis.close()
+        if link is not None:
+            await link.close()
         await webhooks.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -59,7 +59,10 @@ def _serve(args: argparse.Namespace) -> int:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    runner(serve(app, settings, settings.drain_seconds))
+    worker_command = (sys.executable, "-m", "edge.cli", "serve", "--host", settings.host,
+                      "--port", str(settings.port), *(("--config", args.config) if args.config
+                                                      else ()))
+    runner(serve(app, settings, settings.drain_seconds, worker_command))
     return 0
 
 

@@ -89,6 +89,10 @@ class Settings:
     max_connections_per_address: int = 1024  # open HTTP connections of one address; 0: no cap
     listen_backlog: int = 4096  # the HTTP socket's accept queue (the kernel caps it at somaxconn)
     fast_lane: bool = True  # hot HLS requests answered without aiohttp (edge/fastlane.py)
+    http_workers: int = 1  # processes serving viewers on the port (edge/workers.py)
+    # Set by the main process on the workers it starts (edge/workers.py), not by operators.
+    worker_of: str | None = None  # the main process's private URL: this process is a worker
+    worker_secret: str | None = None  # the credential workers and their main process share
     on_publish_url: str | None = None  # webhook: POSTed before a publish starts; non-2xx rejects it
     on_unpublish_url: str | None = None  # webhook: POSTed when a publish ends
     drain_seconds: float = 10.0  # on SIGTERM, how long publishers may take to finish
@@ -488,6 +492,9 @@ _FIELDS: dict[str, _Field] = {
                                           _integer(0, 10_000_000)),
     "listen_backlog": _Field("LISTEN_BACKLOG", _integer(1, 1_000_000)),
     "fast_lane": _Field("FAST_LANE", _boolean),
+    "http_workers": _Field("HTTP_WORKERS", _integer(1, 64)),
+    "worker_of": _Field("WORKER_OF", _optional_text),
+    "worker_secret": _Field("WORKER_SECRET", _optional_text),
     "on_publish_url": _Field("ON_PUBLISH_URL", _optional_text),
     "on_unpublish_url": _Field("ON_UNPUBLISH_URL", _optional_text),
     "drain_seconds": _Field("DRAIN_SECONDS", _number(0, 3600)),

@@ -30,7 +30,9 @@ class _Log:
     declarations: dict[str, tuple[int, TrackDeclared]] = field(default_factory=dict)
     entries: deque[tuple[int, WindowEvent]] = field(default_factory=deque)
     next_id: int = 1
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Long polls waiting for the next entry: futures, resolved as the entry is logged, so a
+    # follower's answer is on its way before the fast lane's wake (edge/fastlane.py) runs.
+    waiters: list[asyncio.Future] = field(default_factory=list)
     ended_at: float | None = None
 
 
@@ -49,6 +51,11 @@ def _without_media(event: WindowEvent) -> WindowEvent:
     if isinstance(event, TrackDeclared):
         return replace(event, init_segment=b"")
     return event
+
+
+def _settle(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class LocalEventLog:
@@ -81,8 +88,10 @@ class LocalEventLog:
                 log.entries.popleft()
         if isinstance(event, StreamEnded):
             log.ended_at = self._clock()
-        log.changed.set()
-        log.changed = asyncio.Event()
+        for waiter in log.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        log.waiters.clear()
         self._expire()
 
     def history(self, name: str) -> LocalHistory | None:
@@ -102,10 +111,16 @@ class LocalEventLog:
         if log is None:
             return None
         if not log.entries or log.entries[-1][0] <= after:
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+            log.waiters.append(waiter)
+            timer = loop.call_later(block, _settle, waiter)
             try:
-                await asyncio.wait_for(log.changed.wait(), block)
-            except TimeoutError:
-                pass
+                await waiter
+            finally:
+                timer.cancel()
+                if waiter in log.waiters:
+                    log.waiters.remove(waiter)
             log = self._logs.get(name) or log
         # Declarations made since ``after`` come first (a format change precedes its media).
         events: list[WindowEvent] = [event for first_id, event in log.declarations.values()

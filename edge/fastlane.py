@@ -339,8 +339,7 @@ class FastLane:
         group.parked.append(parked)
         if not group.armed:
             group.armed = True
-            parked.stream.call_on_change(parked.rendition,
-                                         lambda: self._loop.call_soon(self._wake, group))
+            parked.stream.call_on_change(parked.rendition, lambda: self._wake_soon(group))
         parked.connection.parked = parked
         counters = self.hls.counters
         counters.blocked_requests += 1
@@ -417,8 +416,13 @@ class FastLane:
                 del self._groups[key]
         elif not group.armed:
             group.armed = True
-            group.stream.call_on_change(group.rendition,
-                                        lambda: self._loop.call_soon(self._wake, group))
+            group.stream.call_on_change(group.rendition, lambda: self._wake_soon(group))
+
+    def _wake_soon(self, group: _Group) -> None:
+        """Wake ``group`` two loop turns from now: the event log's followers (this node's HTTP
+        workers, edge/workers.py; other edges) are answered in the first, so their own waiters
+        are woken while this process writes to its own."""
+        self._loop.call_soon(self._loop.call_soon, self._wake, group)
 
     def _sweep(self) -> None:
         """Answer parked requests whose deadline passed with 503 (RFC 8216bis 6.2.5.2)."""

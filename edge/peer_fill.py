@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 import aiohttp
 
 from edge.errors import Unavailable
-from edge.fleet import Fleet, decode_events_document, decode_history_document
+from edge.fleet import Fleet
+from edge.peer_api import decode_events_document, decode_history_document
 from edge.redis_tier import RedisTier, StreamHistory, TierTimings
 from origin.window import LiveSettings
 from origin.wire import WireError
@@ -30,8 +32,20 @@ def _position(entry_id: str) -> int:
     return int(head) if head.isdigit() else 0
 
 
+class PeerLinks(Protocol):
+    """Where a replica's stream comes from: ``Fleet`` (gossip names the ingesting edge), or a
+    worker's link to its own main process (edge/workers.py)."""
+
+    def event_sources(self, stream: str) -> list[str]: ...
+
+    async def get_json(self, base: str, path: str) -> dict | None: ...
+
+    async def fetch_object(self, key: str) -> bytes | None: ...
+
+
 class FleetSource:
-    def __init__(self, fleet: Fleet, timings: TierTimings, redis: RedisTier | None = None) -> None:
+    def __init__(self, fleet: Fleet | PeerLinks, timings: TierTimings,
+                 redis: RedisTier | None = None) -> None:
         self._fleet = fleet
         self._redis = redis
         self.timings = timings

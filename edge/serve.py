@@ -14,23 +14,40 @@ import os
 import signal
 from aiohttp import web
 
-from edge.app import CORS_HEADERS, HLS, LANE_STATS, METRICS, NODE, PUBLISHING, reload_settings
+from edge.app import (CORS_HEADERS, HLS, LANE_STATS, METRICS, NODE, PUBLISHING, WORKER_SECRET,
+                      reload_settings)
 from edge.config import Settings
 from edge.fastlane import FastLane, LaneSettings
 from edge.limits import LIMITS
+from edge.workers import WorkerPlan, WorkerSupervisor
 
 log = logging.getLogger("livedge.serve")
 
 DRAIN_POLL_SECONDS = 0.2
 
 
-async def serve(app: web.Application, settings: Settings, drain_seconds: float) -> None:
+async def serve(app: web.Application, settings: Settings, drain_seconds: float,
+                worker_command: tuple[str, ...] = ()) -> None:
+    """Serve ``app`` until SIGTERM. ``worker_command`` starts an HTTP worker (edge/workers.py)
+    when ``HTTP_WORKERS`` asks for more than one process."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     lane = fast_lane(app, runner, settings)
     loop = asyncio.get_running_loop()
+    workers = settings.http_workers - 1 if app[WORKER_SECRET] and worker_command else 0
+    shared = workers > 0 or settings.worker_of is not None  # SO_REUSEPORT: one port, N processes
     server = await loop.create_server(lane, settings.host, settings.port, reuse_address=True,
-                                      backlog=settings.listen_backlog)
+                                      reuse_port=shared or None, backlog=settings.listen_backlog)
+    supervisor: WorkerSupervisor | None = None
+    private: asyncio.Server | None = None
+    if workers:
+        # The workers' way in: the peer API and the requests they proxy, on loopback only.
+        private = await loop.create_server(runner.server, "127.0.0.1", 0)
+        private_port = private.sockets[0].getsockname()[1]
+        supervisor = WorkerSupervisor(
+            WorkerPlan(workers, worker_command, str(app[WORKER_SECRET])),
+            f"http://127.0.0.1:{private_port}")
+        await supervisor.start()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -45,6 +62,10 @@ async def serve(app: web.Application, settings: Settings, drain_seconds: float) 
             await asyncio.sleep(DRAIN_POLL_SECONDS)
     finally:
         server.close()
+        if supervisor is not None:
+            await supervisor.stop()
+        if private is not None:
+            private.close()
         lane.close()
         await runner.cleanup()
     log.info("stopped")

@@ -1,0 +1,171 @@
+"""The peer API: what one node serves of the streams it holds to other nodes (its fleet peers, and
+its own HTTP workers, edge/workers.py): stream histories, event logs (long-polled) and objects.
+
+Every request carries a credential (``X-Livedge-Fleet``: a short-lived HS256 token signed with a
+shared secret), so an outside client cannot use it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from typing import Callable
+
+import aiohttp
+import jwt
+from aiohttp import web
+
+from edge.errors import NotFound, Unauthorized, Unavailable
+from edge.eventlog import LocalEventLog
+from edge.names import validate_rendition_name, validate_stream_name
+from origin.window import LiveSettings, StreamWindow
+from origin.wire import WireError, decode_settings, encode_settings, pack_event, unpack_event
+
+FLEET_HEADER = "X-Livedge-Fleet"
+HOP_HEADER = "X-Livedge-Hop"  # set on edge-to-edge object reads: never forwarded to a third edge
+CREDENTIAL_TTL = 60.0
+OBJECT_NAME_MAX = 64
+
+# True while serving a peer's object read that must not be forwarded to yet another edge.
+direct_request = contextvars.ContextVar("livedge_fleet_direct", default=False)
+
+
+class FleetCredential:
+    def __init__(self, secret: bytes, node: str) -> None:
+        self._secret = secret
+        self._node = node
+        self._token: tuple[float, str] | None = None
+
+    def token(self) -> str:
+        now = time.time()
+        if self._token is None or self._token[0] - now < CREDENTIAL_TTL / 2:
+            expires = now + CREDENTIAL_TTL
+            value = jwt.encode({"sub": self._node, "aud": "livedge-fleet", "exp": int(expires)},
+                               self._secret, algorithm="HS256")
+            self._token = (expires, value)
+        return self._token[1]
+
+    def verify(self, request: web.Request) -> str:
+        """The calling edge's name; 401 without a valid fleet credential."""
+        value = request.headers.get(FLEET_HEADER)
+        if not value:
+            raise Unauthorized("the peer API needs a fleet credential")
+        try:
+            claims = jwt.decode(value, self._secret, algorithms=["HS256"],
+                                audience="livedge-fleet", leeway=5)
+        except jwt.PyJWTError:
+            raise Unauthorized("invalid fleet credential") from None
+        return str(claims.get("sub", ""))
+
+
+
+class PeerApi:
+    """The routes under ``/fleet/``; a request is served when any of ``credentials`` verifies it."""
+
+    def __init__(self, name: str, streams: Callable[[str], StreamWindow | None],
+                 event_log: LocalEventLog, digest: Callable[[], dict[str, int]],
+                 credentials: list[FleetCredential]) -> None:
+        self.name = name
+        self._streams = streams
+        self._event_log = event_log
+        self._digest = digest
+        self.credentials = credentials
+        self.served_to_peers = 0
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/fleet/streams", self.list_streams)
+        app.router.add_get("/fleet/streams/{stream}/history", self.history)
+        app.router.add_get("/fleet/streams/{stream}/events", self.events)
+        app.router.add_get("/fleet/objects/{stream}/{rendition}/{name}", self.object)
+
+    def verify(self, request: web.Request) -> str:
+        """The caller's name; 401 unless one of the credentials verifies the request."""
+        error: Unauthorized | None = None
+        for credential in self.credentials:
+            try:
+                return credential.verify(request)
+            except Unauthorized as refused:
+                error = refused
+        raise error or Unauthorized("the peer API needs a fleet credential")
+
+    async def list_streams(self, request: web.Request) -> web.Response:
+        self.verify(request)
+        return web.json_response({"node": self.name, "streams": self._digest()})
+
+    async def history(self, request: web.Request) -> web.Response:
+        self.verify(request)
+        name = validate_stream_name(request.match_info["stream"])
+        history = self._event_log.history(name)
+        if history is None:
+            raise NotFound(f"stream {name} is not produced here")
+        return web.json_response({
+            "node": self.name, "started_at": history.started_at,
+            "settings": encode_settings(history.settings, history.part_target),
+            "events": [pack_event(event).decode() for event in history.events],
+            "last_id": history.last_id})
+
+    async def events(self, request: web.Request) -> web.Response:
+        self.verify(request)
+        name = validate_stream_name(request.match_info["stream"])
+        try:
+            after = int(request.query.get("after", "0"))
+            wait = min(max(float(request.query.get("wait", "0")), 0.0), 10.0)
+        except ValueError:
+            raise NotFound("bad position") from None
+        answer = await self._event_log.events_after(name, after, wait)
+        if answer is None:
+            raise NotFound(f"stream {name} is not produced here")
+        last, events = answer
+        return web.json_response({"last_id": last,
+                                  "events": [pack_event(event).decode() for event in events]})
+
+    async def object(self, request: web.Request) -> web.Response:
+        self.verify(request)
+        name = validate_stream_name(request.match_info["stream"])
+        rendition = validate_rendition_name(request.match_info["rendition"])
+        object_name = request.match_info["name"]
+        if len(object_name) > OBJECT_NAME_MAX or not object_name.isascii() \
+                or "/" in object_name or ".." in object_name:
+            raise NotFound("no such object")
+        stream = self._streams(name)
+        if stream is None:
+            raise NotFound(f"stream {name} is not known here")
+        # A peer asked us: our own miss goes straight to the ingesting edge or the origin.
+        token = direct_request.set(bool(request.headers.get(HOP_HEADER)))
+        try:
+            data = await stream.fetch_object(rendition, object_name)
+        finally:
+            direct_request.reset(token)
+        if data is None:
+            raise NotFound("no such object")
+        self.served_to_peers += 1
+        return web.Response(body=data, content_type="application/octet-stream")
+
+
+async def get_peer_json(session: aiohttp.ClientSession, url: str,
+                        headers: dict[str, str]) -> dict | None:
+    """A peer API document; None for 404, Unavailable for any other failure status."""
+    async with session.get(url, headers=headers) as response:
+        if response.status == 404:
+            return None
+        if response.status != 200:
+            raise Unavailable(f"peer answered {response.status}")
+        return await response.json()
+
+
+def decode_history_document(document: dict) -> tuple[LiveSettings, float, float, str, list, str]:
+    settings, part_target = decode_settings(document["settings"])
+    events = [unpack_event(text.encode()) for text in document["events"]]
+    return (settings, part_target, float(document["started_at"]), str(document["node"]), events,
+            str(document["last_id"]))
+
+
+def decode_events_document(document: dict) -> tuple[str, list]:
+    events = []
+    for text in document["events"]:
+        try:
+            events.append(unpack_event(text.encode()))
+        except WireError:
+            continue
+    return str(document["last_id"]), events
+

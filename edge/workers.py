@@ -1,0 +1,215 @@
+"""HTTP workers: more processes serving one node's viewers on the same port (``HTTP_WORKERS``).
+
+A Python process answers from one core. The fast lane (edge/fastlane.py) makes each answer cheap;
+workers multiply the cores. The main process ingests, transcodes and packages, and serves like any
+node. Each worker is a ``livedge serve`` process in the worker role, bound to the same address with
+``SO_REUSEPORT`` (the kernel spreads new connections over the processes): its streams are replicas
+of the main process's, followed through the main process's peer API (edge/peer_api.py) on a
+private loopback port: the event log is long-polled, so a new part reaches a worker within a few
+milliseconds, and the worker answers its viewers from its own memory. Everything else a worker is
+asked (publishing, the API, pages, metrics, health) is proxied to the main process, which is told
+the client's address so that its per-address limits still see clients, not workers.
+
+The main process starts the workers, restarts one that dies (after a second), and stops them at
+shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import subprocess
+from contextlib import suppress
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from edge.errors import LivedgeError, Unauthorized
+from edge.peer_api import FLEET_HEADER, FleetCredential, get_peer_json
+
+log = logging.getLogger("livedge.workers")
+
+FORWARDED_HEADER = "X-Livedge-Client"  # the client's address, from a worker, with its credential
+VIA = "1.1 livedge-worker"  # on what a worker proxied (RFC 9110 7.6.3)
+RESTART_SECONDS = 1.0
+STOP_SECONDS = 10.0
+PROXY_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+# Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded; Host names the worker's own address.
+_NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
+                            "transfer-encoding", "upgrade", "host", "content-length", "server",
+                            "date",
+                            FLEET_HEADER.lower(), FORWARDED_HEADER.lower()})
+
+
+def new_worker_secret() -> str:
+    return secrets.token_hex(32)
+
+
+# -- the worker's side ---------------------------------------------------------------------------
+class MainProcessLink:
+    """A worker's link to its main process: the one source of every stream (``PeerLinks``)."""
+
+    def __init__(self, main_url: str, secret: str) -> None:
+        self.main_url = main_url.rstrip("/")
+        self.credential = FleetCredential(secret.encode(), f"worker-{os.getpid()}")
+        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # Long polls and object reads at once: more connections than aiohttp's default 100.
+        # Bytes are proxied as they come (no decompression), so their length holds.
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30, sock_connect=2),
+            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    def _headers(self) -> dict[str, str]:
+        return {FLEET_HEADER: self.credential.token()}
+
+    def event_sources(self, stream: str) -> list[str]:
+        return [self.main_url]
+
+    async def get_json(self, base: str, path: str) -> dict | None:
+        assert self._http is not None
+        return await get_peer_json(self._http, f"{base}{path}", self._headers())
+
+    async def fetch_object(self, key: str) -> bytes | None:
+        assert self._http is not None
+        try:
+            async with self._http.get(f"{self.main_url}/fleet/objects/{key}",
+                                      headers=self._headers()) as response:
+                return await response.read() if response.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            log.warning("object read from the main process failed: %s", error)
+            return None
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        """Forward a request the worker does not serve to the main process."""
+        assert self._http is not None
+        headers = {name: value for name, value in request.headers.items()
+                   if name.lower() not in _NOT_FORWARDED}
+        headers[FLEET_HEADER] = self.credential.token()
+        headers[FORWARDED_HEADER] = request.remote or ""
+        body = await request.read() if request.body_exists else None
+        try:
+            async with self._http.request(request.method, f"{self.main_url}{request.path_qs}",
+                                          headers=headers, data=body, allow_redirects=False,
+                                          timeout=PROXY_TIMEOUT) as upstream:
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for name, value in upstream.headers.items():
+                    if name.lower() not in _NOT_FORWARDED:
+                        response.headers.add(name, value)
+                response.headers.add("Via", VIA)
+                if upstream.content_length is not None:
+                    response.content_length = upstream.content_length
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_chunked(65536):
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            log.warning("proxy to the main process failed: %s", error)
+            return web.json_response({"message": "the node's main process is not answering"},
+                                     status=502)
+
+    def add_to(self, app: web.Application) -> None:
+        """Last: every route the worker has not registered goes to the main process."""
+        app.router.add_route("*", "/{tail:.*}", self.proxy)
+
+
+def _die_with_parent() -> None:
+    """In a worker before exec: SIGTERM when the main process dies, even by kill -9 (Linux)."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+# -- the main process's side -----------------------------------------------------------------------
+def forwarded_client_middleware(secret: str):
+    """On the main process: a request proxied by a worker (its credential verifies) is seen with
+    the client's address, so per-address limits and logs see clients, not workers. Outermost."""
+    credential = FleetCredential(secret.encode(), "main")
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        client = request.headers.get(FORWARDED_HEADER)
+        if client is not None:
+            try:
+                credential.verify(request)
+            except Unauthorized as error:
+                return web.json_response(error.to_json(), status=error.status)
+            request = request.clone(remote=client)
+        return await handler(request)
+
+    return middleware
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How the main process starts its workers."""
+
+    count: int  # extra processes (HTTP_WORKERS - 1)
+    command: tuple[str, ...]  # ``livedge serve`` with the main process's address and config
+    secret: str
+
+
+class WorkerSupervisor:
+    """Starts the workers, restarts those that die, stops them at shutdown. Ends only processes
+    it started, by their PID."""
+
+    def __init__(self, plan: WorkerPlan, main_url: str) -> None:
+        self._plan = plan
+        self._env = {**os.environ, "WORKER_OF": main_url, "WORKER_SECRET": plan.secret,
+                     "HTTP_WORKERS": "1"}
+        self._processes: list[asyncio.subprocess.Process | None] = [None] * plan.count
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+        self.restarts = 0
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._keep(index), name=f"http-worker-{index}")
+                       for index in range(self._plan.count)]
+
+    async def _keep(self, index: int) -> None:
+        while not self._stopping:
+            process = await asyncio.create_subprocess_exec(
+                *self._plan.command, env=self._env, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent)
+            self._processes[index] = process
+            log.info("http worker started", extra={"url": f"pid {process.pid}"})
+            code = await process.wait()
+            if self._stopping:
+                return
+            self.restarts += 1
+            log.error("http worker exited with %s: restarting", code,
+                      extra={"url": f"pid {process.pid}"})
+            await asyncio.sleep(RESTART_SECONDS)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes if p is not None and p.returncode is None]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        running = [p for p in self._processes if p is not None and p.returncode is None]
+        for process in running:
+            with suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        for process in running:
+            try:
+                await asyncio.wait_for(process.wait(), STOP_SECONDS)
+            except asyncio.TimeoutError:
+                with suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with suppress(asyncio.CancelledError, LivedgeError):
+                await task

@@ -1,0 +1,165 @@
+"""HTTP workers (edge/workers.py): a node with HTTP_WORKERS=2 is two processes on one port, both
+serving its streams, the worker proxying everything else to the main process; workers are
+restarted when they die and end with their main process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from bench.load import child_pids
+from edge.tokens import Scope, issue_token
+from tests.nodes import TEST_SECRET, RunningNode, running_node
+from tests.test_fastlane import HINT, Http, newest_part, wait_for_demo
+
+ADMIN = issue_token(TEST_SECRET, "HS256", Scope.ADMIN, None, 86400, "ops")
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory) -> RunningNode:
+    with running_node(tmp_path_factory.mktemp("workers"), "--demo", HTTP_WORKERS="2",
+                      MAX_CONNECTIONS_PER_ADDRESS="0", MAX_REQUESTS_PER_ADDRESS="0") as running:
+        wait_for_demo(running.url)
+        until(lambda: worker_answers(running.url), 20, "no worker answers")
+        yield running
+
+
+def worker_answers(url: str) -> bool:
+    """Whether a worker has bound the port (it takes a moment to start)."""
+    for _ in range(16):
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as answer:
+            if answer.headers.get("Via") == "1.1 livedge-worker":
+                return True
+    return False
+
+
+def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.1)
+
+
+def connections_by_process(url: str, wanted: int = 2, tries: int = 64) -> dict[bool, Http]:
+    """One open connection to the main process (False) and one to a worker (True): the kernel
+    spreads connections, a worker marks what it proxies with Via."""
+    found: dict[bool, Http] = {}
+    for _ in range(tries):
+        http = Http(url)
+        status, headers, _ = http.get("/healthz")
+        assert status == 200
+        on_worker = headers.get("via") == "1.1 livedge-worker"
+        if on_worker in found:
+            http.close()
+        else:
+            found[on_worker] = http
+        if len(found) == wanted:
+            return found
+    raise AssertionError(f"connections reached {len(found)} process(es) only")
+
+
+def test_both_processes_serve_the_same_playlists_and_blocking_reloads(node):
+    # Each process makes request ids with its own prefix: collect a lane connection to each.
+    by_prefix: dict[str, Http] = {}
+    for _ in range(64):
+        http = Http(node.url)
+        status, headers, _ = http.get("/hls/demo/180p/index.m3u8")
+        assert status == 200
+        prefix = headers["x-request-id"][:8]
+        # A worker's first request for a stream waits, through aiohttp, for its replica to load.
+        if prefix in by_prefix or headers["server"] != "livedge":
+            http.close()
+        else:
+            by_prefix[prefix] = http
+        if len(by_prefix) == 2:
+            break
+    try:
+        assert len(by_prefix) == 2, "connections reached one process only"
+        newest = []
+        for http in by_prefix.values():
+            _, _, body = http.get("/hls/demo/180p/index.m3u8")
+            msn, part = (int(v) for v in HINT.search(body.decode()).groups())
+            http.send(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
+        for http in by_prefix.values():
+            status, headers, body = http.answer()
+            assert status == 200 and headers["server"] == "livedge"  # each process's own lane
+            newest.append(newest_part(body))
+            assert http.get("/hls/demo/180p/init.mp4")[2][4:8] == b"ftyp"
+    finally:
+        for http in by_prefix.values():
+            http.close()
+    assert abs(newest[0][0] - newest[1][0]) <= 1  # the same stream, at the same point
+
+
+def test_a_worker_proxies_the_api_with_bodies_and_status_codes(node):
+    by_process = connections_by_process(node.url)
+    worker = by_process[True]
+    try:
+        status, headers, body = worker.get("/api/streams",
+                                           headers=f"Authorization: Bearer {ADMIN}\r\n")
+        assert status == 200 and headers["via"] == "1.1 livedge-worker"
+        assert "demo" in body.decode()
+        refused = worker.get("/api/streams")
+        assert refused[0] == 401 and "message" in json.loads(refused[2])
+        # A POST with a body reaches the main process whole (and is refused there: bad JSON).
+        payload = b'{"name": "x"'
+        worker.sock.sendall(
+            b"POST /api/streams HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + ADMIN.encode() + b"\r\nContent-Length: "
+            + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        status, _, body = worker.answer()
+        assert status == 400 and "message" in json.loads(body)
+    finally:
+        for http in by_process.values():
+            http.close()
+
+
+def test_a_forged_client_address_header_is_never_trusted(node):
+    for _ in range(16):  # both processes, whichever the kernel picks
+        http = Http(node.url)
+        try:
+            status, headers, _ = http.get("/healthz", headers="X-Livedge-Client: 203.0.113.9\r\n")
+        finally:
+            http.close()
+        # The main process wants the workers' credential with it; a worker replaces it.
+        assert status == 401 or headers.get("via") == "1.1 livedge-worker"
+
+
+def test_a_dead_worker_is_restarted_and_the_node_keeps_serving(node):
+    [worker] = child_pids(node.process.pid)
+    os.kill(worker, signal.SIGKILL)
+    until(lambda: child_pids(node.process.pid) not in ([], [worker]), 20,
+          "the worker was not restarted")
+    until(lambda: worker_answers(node.url), 20, "the new worker does not answer")
+    for _ in range(8):
+        with urllib.request.urlopen(node.url + "/hls/demo/index.m3u8", timeout=5) as answer:
+            assert answer.status == 200
+
+
+def test_workers_end_with_their_main_process(tmp_path):
+    for stop in (signal.SIGTERM, signal.SIGKILL):
+        with running_node(tmp_path, HTTP_WORKERS="3") as running:
+            until(lambda: len(child_pids(running.process.pid)) == 2, 20, "no workers started")
+            workers = child_pids(running.process.pid)
+            running.process.send_signal(stop)
+            code = running.process.wait(timeout=20)
+            until(lambda: not any(os.path.exists(f"/proc/{pid}") and not _zombie(pid)
+                                  for pid in workers), 15, f"workers outlived {stop!r}")
+        if stop is signal.SIGTERM:
+            assert code == 0
+            assert re.search(r"http worker started", running.log())
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
