@@ -185,6 +185,8 @@ http {{
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per figure")
+    parser.add_argument("--workers", default="1,2",
+                        help="HTTP_WORKERS of the livedge node, one row each (comma-separated)")
     args = parser.parse_args()
     for tool in ("redis-server", "nginx", "wrk"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -226,21 +228,24 @@ def main() -> int:
                          wrk([f"{base}/part0.0.m4s"], args.seconds, work),
                          wrk([f"{base}/seg0.m4s"], args.seconds, work)))
 
-            for label, memory, cycle in (
-                    ("livedge reading node, memory tier hit", "512MiB", False),
-                    ("livedge reading node, 1 MiB memory: Redis tier", "1MiB", True)):
+            cases = [(f"livedge reading node ({workers} process{'es' if workers > 1 else ''}),"
+                      " memory tier hit", "512MiB", False, workers)
+                     for workers in (int(n) for n in args.workers.split(","))]
+            cases.append(("livedge reading node, 1 MiB memory: Redis tier", "1MiB", True, 1))
+            for label, memory, cycle, workers in cases:
                 port = free_port()
                 env = {**os.environ, "REDIS_URL": redis_url, "CACHE_MEMORY": memory,
                        "PORT": str(port), "HOST": "127.0.0.1", "WS_PORT": str(free_port()),
-                       "LOG_LEVEL": "warning"}
+                       "LOG_LEVEL": "warning", "HTTP_WORKERS": str(workers)}
                 node = start([sys.executable, "-m", "edge.cli", "serve"], work / f"node-{port}.log",
                              env)
                 processes.append(node)
                 base = f"http://127.0.0.1:{port}/hls/{STREAM}/{RENDITION}"
                 wait_http(f"http://127.0.0.1:{port}/healthz")
                 wait_http(f"{base}/index.m3u8")
-                for name in ("part0.0.m4s", "seg0.m4s"):  # fill the memory tier
-                    wait_http(f"{base}/{name}")
+                for _ in range(8 * workers):  # fill the memory tier of every process
+                    for name in ("part0.0.m4s", "seg0.m4s"):
+                        wait_http(f"{base}/{name}")
                 parts = [f"{base}/{n}" for n in (part_names if cycle else ["part0.0.m4s"])]
                 segments = [f"{base}/{n}" for n in (segment_names if cycle else ["seg0.m4s"])]
                 rows.append((label, wrk(parts, args.seconds, work),

@@ -37,7 +37,7 @@ from edge.hls import (PLAYLIST_CACHE_CONTROL, PLAYLIST_TYPE, HlsRoutes, ReloadQu
 from edge.limits import AddressLimits, Refusal, client_key
 from edge.logs import request_id_for
 from origin.live import LiveStream
-from origin.rendition import Readiness
+from origin.rendition import Readiness, is_init_name
 
 MAX_HEAD_BYTES = 8190  # aiohttp's limit for a request line and headers; past it aiohttp says why
 MAX_BUFFERED_BYTES = 65536  # read no more while this much of later requests waits
@@ -271,7 +271,7 @@ class FastLane:
                 return None
             if state is not Readiness.READY:
                 return False
-        elif name != "init.mp4":
+        elif not is_init_name(name):
             return False
         return self._finish_object(parked)
 

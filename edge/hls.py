@@ -17,12 +17,13 @@ from edge.errors import BadRequest, NotFound, Unavailable
 from edge.names import validate_rendition_name, validate_stream_name
 from edge.tokens import Scope, TokenVerifier
 from origin.live import ANY_RENDITION, LiveStream
-from origin.rendition import Readiness
+from origin.rendition import Readiness, is_init_name
 
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
 PLAYLIST_CACHE_CONTROL = "no-cache"
 _HLS_NUMBER_MAX = 2**53  # larger _HLS_msn/_HLS_part values are nonsense, not big numbers
 _OBJECT_NAME_MAX = 64
+REPLICA_LOAD_WAIT = 2.0  # seconds a request may wait for a replica's first read of its log
 
 
 class StreamLookup(Protocol):
@@ -136,8 +137,12 @@ class HlsRoutes:
             self._on_playlist(stream, client)
 
     # -- helpers ------------------------------------------------------------------------------------------
-    def _stream(self, request: web.Request) -> tuple[LiveStream, str]:
-        return self.locate(request.match_info["stream"], request.query.get("token"))
+    async def _stream(self, request: web.Request) -> tuple[LiveStream, str]:
+        """The stream and its carried query; a replica's first request waits for its log (a
+        moment), rather than answering 503 while it is read."""
+        stream, query = self.locate(request.match_info["stream"], request.query.get("token"))
+        await stream.until_loaded(REPLICA_LOAD_WAIT)
+        return stream, query
 
     def _rendition(self, request: web.Request, stream: LiveStream) -> str:
         return self.rendition_of(stream, request.match_info["rendition"])
@@ -164,7 +169,7 @@ class HlsRoutes:
 
     # -- handlers -------------------------------------------------------------------------------------
     async def multivariant(self, request: web.Request) -> web.Response:
-        stream, query = self._stream(request)
+        stream, query = await self._stream(request)
         if not stream.is_ready():
             # A player that arrives as the publish starts waits for the first parts, not a 404.
             deadline = time.monotonic() + 2 * stream.settings.segment_duration + 1.0
@@ -176,7 +181,7 @@ class HlsRoutes:
                             headers={"Cache-Control": PLAYLIST_CACHE_CONTROL})
 
     async def media_playlist(self, request: web.Request) -> web.Response:
-        stream, query = self._stream(request)
+        stream, query = await self._stream(request)
         rendition = self._rendition(request, stream)
         self.saw_playlist_request(stream.name,
                                   f"{request.remote}|{request.headers.get('User-Agent')}")
@@ -196,12 +201,12 @@ class HlsRoutes:
                             headers={"Cache-Control": PLAYLIST_CACHE_CONTROL})
 
     async def media_object(self, request: web.Request) -> web.Response:
-        stream, _ = self._stream(request)
+        stream, _ = await self._stream(request)
         rendition = self._rendition(request, stream)
         name = object_name(request.match_info["name"])
         kind = stream.tracks[rendition].kind.value
         headers = {"Cache-Control": self.object_cache_control}
-        if name == "init.mp4":
+        if is_init_name(name):
             data = await stream.fetch_object(rendition, name)
         elif name.endswith(".m4s"):
             # A preload-hinted part (or the segment being produced) is held and sent whole.

@@ -43,7 +43,7 @@ from redis.backoff import NoBackoff
 
 from edge.errors import Unavailable
 from origin.live import StreamEnded, TrackDeclared, WindowEvent
-from origin.packager import PackagerSettings, PartReady, SegmentReady
+from origin.packager import PackagerSettings, PartReady, SegmentOpened, SegmentReady
 from origin.rendition import init_uri, part_uri, segment_uri
 from origin.window import LiveSettings, object_key
 from origin.wire import (WireError, decode_event, decode_settings, encode_event, encode_settings,
@@ -53,6 +53,9 @@ log = logging.getLogger("livedge.redis")
 
 DIRECTORY_KEY = "livedge:streams"
 _OBJECT_PREFIX = "livedge:obj:"
+
+# A track's init generation (``TrackDeclared``/``SegmentOpened.init_generation``) in the log's entry
+# fields; absent means 0 (``init.mp4``), so logs written before it existed read the same.
 
 # Errors that mean "Redis cannot be reached right now", as opposed to a refused command.
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
@@ -217,6 +220,11 @@ class _Produced:
     name: str
     started_at: float
     tracks: dict[str, TrackDeclared] = field(default_factory=dict)  # newest, with init bytes
+    cut: set[str] = field(default_factory=set)  # tracks with a segment since their declaration
+    # Declarations replaced by another format before any segment of theirs: their init is not
+    # written, as it could replace bytes the same URI has in a resumed log (``LiveStream.resume``
+    # renumbers a restarted stream's inits after the log's).
+    void: list[TrackDeclared] = field(default_factory=list)
     decided: bool = False  # resume-or-fresh decided (see ``RedisTier._decide``)
     held: bool = False  # the resumer holds its media until the decision
     fresh: bool = True  # the first write replaces whatever log the name had
@@ -527,6 +535,11 @@ class RedisTier:
                 stream.held = True
                 self.resumer.hold(name)  # until ``_decide``, a moment later
         if isinstance(event, TrackDeclared):
+            replaced = stream.tracks.get(event.track.name)
+            if replaced is not None and event.track.name not in stream.cut \
+                    and replaced.init_generation != event.init_generation:
+                stream.void.append(replaced)
+            stream.cut.discard(event.track.name)
             stream.tracks[event.track.name] = event
             size = len(event.init_segment)
         elif isinstance(event, (PartReady, SegmentReady)):
@@ -537,6 +550,8 @@ class RedisTier:
             stream.ended = True
             size = 0
         else:
+            if isinstance(event, SegmentOpened):
+                stream.cut.add(event.track)
             size = 0
         self._queue.append(_Item(stream, event, size))
         self._queued_bytes += size
@@ -683,10 +698,16 @@ class RedisTier:
             if not stream.announced:
                 self._announce(objects, events, stream)
             touched[stream] = None
-            if isinstance(event, TrackDeclared):
-                objects.set(object_redis_key(object_key(stream.name, event.track.name, init_uri())),
+            if isinstance(event, TrackDeclared) and any(event is v for v in stream.void):
+                pass  # listed (replicas follow the log) but never needed: see ``_Produced.void``
+            elif isinstance(event, TrackDeclared):
+                # Each format's init has its own key: segments still listed from before a format
+                # change keep theirs, until it expires (after them: stream_ttl > segment_ttl).
+                objects.set(object_redis_key(object_key(stream.name, event.track.name,
+                                                        init_uri(event.init_generation))),
                             event.init_segment, px=_ms(timings.stream_ttl))
-                events.hset(info_key(stream.name), f"track:{event.track.name}", pack_event(event))
+                events.hset(info_key(stream.name), f"track:{event.track.name}",
+                            pack_event(event))
             elif isinstance(event, PartReady):
                 objects.set(object_redis_key(object_key(stream.name, event.track,
                                                         part_uri(event.msn, event.index))),
@@ -726,7 +747,8 @@ class RedisTier:
             **{f"track:{name}": pack_event(declared)
                for name, declared in stream.tracks.items()}})
         for name, declared in stream.tracks.items():
-            objects.set(object_redis_key(object_key(stream.name, name, init_uri())),
+            objects.set(object_redis_key(object_key(stream.name, name,
+                                                    init_uri(declared.init_generation))),
                         declared.init_segment, px=_ms(self.timings.stream_ttl))
         if not stream.ended:
             events.hset(DIRECTORY_KEY, stream.name, self._directory_entry(stream))
@@ -735,8 +757,10 @@ class RedisTier:
     def _expire_stream(self, pipe: Any, stream: _Produced, ttl: float) -> None:
         pipe.pexpire(events_key(stream.name), _ms(ttl))
         pipe.pexpire(info_key(stream.name), _ms(ttl))
-        for name in stream.tracks:
-            pipe.pexpire(object_redis_key(object_key(stream.name, name, init_uri())), _ms(ttl))
+        for name, declared in stream.tracks.items():
+            pipe.pexpire(object_redis_key(object_key(stream.name, name,
+                                                     init_uri(declared.init_generation))),
+                         _ms(ttl))
 
     def _directory_entry(self, stream: _Produced, interrupted: bool = False) -> str:
         entry = {"node": self.node_id, "heartbeat": self._clock(), "started_at": stream.started_at}
@@ -877,3 +901,6 @@ def _xread_entries(answer: Any) -> list[tuple[Any, list[tuple[Any, Any]]]]:
         return [(key, value[0] if value and isinstance(value[0], list) else value)
                 for key, value in answer.items()]
     return [(key, entries) for key, entries in answer]
+
+
+# -- the log's entries: ``origin.wire`` plus the init generation ----------------------------------

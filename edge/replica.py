@@ -22,6 +22,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -290,6 +291,11 @@ class ReplicaStream(StreamWindow):
             await asyncio.gather(self._task, return_exceptions=True)
 
     # -- what HTTP sees ----------------------------------------------------------------------------
+    async def until_loaded(self, timeout: float) -> None:
+        if self.state is ReplicaState.LOADING:
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.loaded.wait(), timeout)
+
     def is_ready(self) -> bool:
         if self.state is ReplicaState.MISSING:
             raise NotFound(f"stream {self.name} is not live")
@@ -377,10 +383,12 @@ class ReplicaStream(StreamWindow):
         if verdict is Verdict.SKIP:
             return True
         if isinstance(event, TrackDeclared):
-            # A re-declaration may change the init segment: never serve the old one from memory.
-            self._memory.delete(object_key(self.name, event.track.name, init_uri()))
-            self._reader.forget(object_key(self.name, event.track.name, init_uri()))
-            self.declare_track(event.track)
+            # Each format has its own init URI, but a restarted producer may give one new bytes:
+            # never serve the declared one from memory, nor a miss remembered before it existed.
+            key = object_key(self.name, event.track.name, init_uri(event.init_generation))
+            self._memory.delete(key)
+            self._reader.forget(key)
+            self.declare_track(event.track, event.init_generation)
         elif isinstance(event, StreamEnded):
             self.end_playlists()
         else:

@@ -30,7 +30,8 @@ __all__ = ["ANY_RENDITION", "LiveSettings", "LiveStream", "ObjectStore", "Stream
 @dataclass(frozen=True)
 class TrackDeclared:
     track: TrackInfo
-    init_segment: bytes
+    init_segment: bytes  # stored under ``init_uri(init_generation)``
+    init_generation: int = 0  # see ``TrackPackager.init_generation``
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,18 @@ class LiveStream(StreamWindow):
 
     # -- MediaSink --------------------------------------------------------------------------------------
     def add_track(self, track: TrackInfo) -> None:
-        packager = self._packager.add_track(track)
-        self._store.set_now(object_key(self.name, track.name, init_uri()), packager.init_segment,
-                            pinned=True)
-        self.declare_track(track)
-        self._tell(TrackDeclared(track, packager.init_segment))
+        self._packager.add_track(track)
+        self._declare(track.name)
+
+    def _declare(self, track_name: str) -> None:
+        """Store the init segment of the track's packager under its generation's URI (pinned:
+        the window unpins an older one when no listed segment needs it), list, tell."""
+        packager = self._packager.tracks[track_name]
+        generation = packager.init_generation
+        self._store.set_now(object_key(self.name, track_name, init_uri(generation)),
+                            packager.init_segment, pinned=True)
+        self.declare_track(packager.track, generation)
+        self._tell(TrackDeclared(packager.track, packager.init_segment, generation))
 
     def add_sample(self, track_name: str, sample: EncodedSample) -> None:
         if track_name not in self.tracks:
@@ -146,16 +154,38 @@ class LiveStream(StreamWindow):
         for event in replayed:
             if isinstance(event, TrackDeclared):
                 if event.track.name not in self.tracks:  # what this stream declared wins
-                    self.declare_track(event.track)
+                    self.declare_track(event.track, event.init_generation)
             else:
                 if isinstance(event, SegmentReady) and (event.track, event.msn) not in finished:
                     self._closed[(event.track, event.msn)] = event.part_count
                 self.apply_event(event)
+        self._continue_generations(events)
         self._msn_offset = max(numbers) + 1
         self._resumed = True
         self._fetch_missing = fetch_missing
         self.release()
         return True
+
+    def _continue_generations(self, history: list[WindowEvent]) -> None:
+        """Number this stream's init segments after the resumed log's, so that no URI the log
+        lists is given other bytes: a track declared as the log last declared it takes that
+        generation, one in another format the next unused."""
+        for name, packager in self._packager.tracks.items():
+            declared = [event for event in history
+                        if isinstance(event, TrackDeclared) and event.track.name == name]
+            used = {event.init_generation for event in declared} | {
+                event.init_generation for event in history
+                if isinstance(event, SegmentOpened) and event.track == name}
+            same = [event.init_generation for event in declared if event.track == packager.track]
+            if same:
+                generation = same[-1]
+            elif used:
+                generation = max(used) + 1
+            else:
+                continue
+            if generation != packager.init_generation:
+                packager.init_generation = generation
+                self._declare(name)
 
     def closed_segments(self) -> list[tuple[str, str]]:
         """(rendition, name) of the segments ``resume`` closed from a crashed producer's parts.

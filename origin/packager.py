@@ -46,6 +46,7 @@ class SegmentOpened:
     msn: int
     program_date_time: float  # seconds since the epoch
     discontinuity: bool
+    init_generation: int = 0  # which init segment of the track it needs (``TrackPackager``)
 
 
 @dataclass(frozen=True)
@@ -74,15 +75,22 @@ PackagerEvent = SegmentOpened | PartReady | SegmentReady
 class TrackPackager:
     """Cuts the samples of one track. Times below are ticks of ``track.timescale`` on the output timeline."""
 
-    def __init__(self, track: TrackInfo, settings: PackagerSettings, first_msn: int = 0) -> None:
+    def __init__(self, track: TrackInfo, settings: PackagerSettings, first_msn: int = 0,
+                 init_generation: int = 0) -> None:
         self.track = track
         self.init_segment = fmp4.init_segment(track)
+        # Counts the track's distinct init segments: its segments name the one they need, so a
+        # player never decodes them with another (``origin.rendition.init_uri``).
+        self.init_generation = init_generation
         self._is_video = track.kind is TrackKind.VIDEO
         self._segment_ticks = round(settings.segment_duration * track.timescale)
         self._part_ticks = round(settings.part_duration * track.timescale)
         self._longest_part = math.floor(settings.part_target * track.timescale)
         self._tolerance = track.timescale // 1000  # 1 ms: absorbs rounding of source timestamps
         self._next_msn = first_msn
+        # For a track joining a running stream: the output time (ticks) of segment ``first_msn``
+        # on the grid, so its first segment takes the number the other tracks give that instant.
+        self._first_msn_at: int | None = None
         self._fragment_sequence = 1
         self._held: EncodedSample | None = None  # a sample whose duration the next dts will tell
         self._last_duration = round(track.timescale / (track.frame_rate or 30.0)) if self._is_video \
@@ -142,9 +150,26 @@ class TrackPackager:
         self.period_start = period_start
         self._pending_discontinuity = discontinuity
 
+    def number_from(self, grid_time: int) -> None:
+        """Number segments by the grid from ``grid_time`` (output ticks, a segment grid point):
+        the first segment opened there gets ``first_msn``, one opened N grid steps later
+        ``first_msn + N`` (a track joining a running stream, whose first keyframe may come late)."""
+        self._first_msn_at = grid_time
+
     @property
     def next_msn(self) -> int:
         return self._next_msn
+
+    def numbering(self) -> tuple[int, float | None]:
+        """(MSN, output seconds of its grid point) of the segment being cut, else of the next
+        one; the time is None before this track cut anything (where it starts is not known)."""
+        timescale = self.track.timescale
+        if self._segment_open:
+            return self._segment_msn, self._segment_grid_start / timescale
+        if self.end_time:
+            next_start = -(-self.end_time // self._segment_ticks) * self._segment_ticks
+            return self._next_msn, next_start / timescale
+        return self._next_msn, None
 
     # -- cutting ------------------------------------------------------------------------------------
     def _cut(self, sample: EncodedSample, wall_anchor: float, events: list[PackagerEvent]) -> None:
@@ -193,6 +218,9 @@ class TrackPackager:
         grid_start = (start + self._tolerance) // self._segment_ticks * self._segment_ticks
         if self._segment_grid_end > grid_start and not self._pending_discontinuity:
             grid_start = self._segment_grid_end  # audio cut just before the grid point
+        if self._first_msn_at is not None:
+            self._next_msn += max(0, (grid_start - self._first_msn_at) // self._segment_ticks)
+            self._first_msn_at = None
         self._segment_open = True
         self._segment_msn = self._next_msn
         self._next_msn += 1
@@ -205,7 +233,7 @@ class TrackPackager:
         events.append(SegmentOpened(
             track=self.track.name, msn=self._segment_msn,
             program_date_time=wall_anchor + start / self.track.timescale,
-            discontinuity=self._pending_discontinuity))
+            discontinuity=self._pending_discontinuity, init_generation=self.init_generation))
         self._pending_discontinuity = False
 
     def _next_part_boundary(self, after: int) -> int:
@@ -255,10 +283,31 @@ class StreamPackager:
         self._periods_started = 0
 
     def add_track(self, track: TrackInfo) -> TrackPackager:
-        """Declare a track; re-declaring one (a format change) restarts it with a discontinuity."""
+        """Declare a track; re-declaring one (a format change) restarts it with a discontinuity,
+        and with a new init generation if its init segment changed.
+
+        A track joining a stream that already has others (a ladder rung added when the source
+        grew, or declared a moment after the others at the start) is numbered like them: players
+        switching renditions match segments by media sequence number. Its first segment takes
+        the number the others give that point of the grid."""
         previous = self.tracks.get(track.name)
-        packager = TrackPackager(track, self.settings,
-                                 first_msn=previous.next_msn if previous else 0)
+        # Numbered like the others of its kind (players switch among those), else like any.
+        others = [p for name, p in self.tracks.items() if name != track.name]
+        leader = max([p for p in others if p.track.kind is track.kind] or others,
+                     key=lambda p: p.next_msn, default=None)
+        if previous is not None:
+            # Its numbers go on without a gap: a player blocked on the next one gets it.
+            packager = TrackPackager(track, self.settings, first_msn=previous.next_msn,
+                                     init_generation=previous.init_generation)
+            if packager.init_segment != previous.init_segment:
+                packager.init_generation += 1
+        else:
+            msn, grid_seconds = leader.numbering() if leader else (0, None)
+            packager = TrackPackager(track, self.settings, first_msn=msn)
+            if grid_seconds is not None and self._period_offset is not None:
+                segment = self.settings.segment_duration
+                packager.number_from(round(grid_seconds / segment)
+                                     * round(segment * track.timescale))
         if self._period_offset is not None:
             packager.start_period(self._offset_ticks(track), self._period_start_ticks(track),
                                   discontinuity=previous is not None)

@@ -32,6 +32,7 @@ class SegmentEntry:
     program_date_time: float | None = None  # seconds since the epoch
     discontinuity: bool = False
     parts: tuple[PartEntry, ...] = ()
+    map_uri: str | None = None  # its init segment (EXT-X-MAP); None: the playlist's ``map_uri``
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class MediaPlaylist:
     ``segments`` are complete segments, oldest first. ``open_parts`` are the parts of the segment being
     produced (with MSN ``next_msn``), listed after the last complete segment. ``skipped_segments`` > 0
     renders a delta update: that many leading segments are replaced by ``EXT-X-SKIP``.
+
+    ``map_uri`` is the init segment of the first segment listed (after any skipped ones), and of
+    every segment whose own ``map_uri`` is None; ``open_segment_map_uri`` that of the open (or
+    hinted) segment. An ``EXT-X-MAP`` is rendered before the first segment listed and wherever the
+    init segment changes (RFC 8216bis 4.4.4.5: a MAP applies until the next one).
     """
 
     target_duration: int
@@ -61,6 +67,7 @@ class MediaPlaylist:
     open_parts: tuple[PartEntry, ...] = ()
     open_segment_discontinuity: bool = False
     open_segment_program_date_time: float | None = None
+    open_segment_map_uri: str | None = None  # None: the last listed segment's
     preload_hint_uri: str | None = None
     rendition_reports: tuple[RenditionReport, ...] = ()
     part_hold_back: float | None = None
@@ -126,6 +133,10 @@ def _part_line(part: PartEntry, query: str) -> str:
     return line + (",INDEPENDENT=YES" if part.independent else "")
 
 
+def _map_line(uri: str, query: str) -> str:
+    return f'#EXT-X-MAP:URI="{_with_query(uri, query)}"'
+
+
 def render_media_playlist(playlist: MediaPlaylist, query: str = "") -> str:
     """Render ``playlist`` as text. ``query`` (e.g. ``token=...``) is appended to every URI listed."""
     lines = ["#EXTM3U", f"#EXT-X-VERSION:{PLAYLIST_VERSION}",
@@ -141,12 +152,18 @@ def render_media_playlist(playlist: MediaPlaylist, query: str = "") -> str:
     lines.append(f"#EXT-X-MEDIA-SEQUENCE:{playlist.media_sequence}")
     if playlist.discontinuity_sequence:
         lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:{playlist.discontinuity_sequence}")
-    lines.append(f'#EXT-X-MAP:URI="{_with_query(playlist.map_uri, query)}"')
+    # The skipped segments' tags (their MAPs too) are left out: the MAP in force for the first
+    # segment after the skip is one of that segment's tags.
     if playlist.skipped_segments:
         lines.append(f"#EXT-X-SKIP:SKIPPED-SEGMENTS={playlist.skipped_segments}")
+    current_map = playlist.map_uri
+    lines.append(_map_line(current_map, query))
     for segment in playlist.segments[playlist.skipped_segments:]:
         if segment.discontinuity:
             lines.append("#EXT-X-DISCONTINUITY")
+        if (segment.map_uri or playlist.map_uri) != current_map:
+            current_map = segment.map_uri or playlist.map_uri
+            lines.append(_map_line(current_map, query))
         if segment.program_date_time is not None:
             lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_date_time(segment.program_date_time)}")
         lines.extend(_part_line(part, query) for part in segment.parts)
@@ -155,6 +172,8 @@ def render_media_playlist(playlist: MediaPlaylist, query: str = "") -> str:
     if playlist.open_parts or playlist.preload_hint_uri:
         if playlist.open_segment_discontinuity:
             lines.append("#EXT-X-DISCONTINUITY")
+        if playlist.open_segment_map_uri and playlist.open_segment_map_uri != current_map:
+            lines.append(_map_line(playlist.open_segment_map_uri, query))
         if playlist.open_segment_program_date_time is not None:
             lines.append(
                 f"#EXT-X-PROGRAM-DATE-TIME:{_date_time(playlist.open_segment_program_date_time)}")

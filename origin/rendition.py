@@ -8,6 +8,7 @@ wakes waiting requests.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 from origin.packager import PackagerEvent, PartReady, SegmentOpened, SegmentReady
@@ -17,8 +18,19 @@ ADVANCE_PART_LIMIT = 3  # RFC 8216bis 6.2.5.2: a part request further ahead than
 PART_LISTING_TARGET_DURATIONS = 3  # parts are listed only for segments this close to the live edge
 
 
-def init_uri() -> str:
-    return "init.mp4"
+_INIT_NAME = re.compile(r"init(?:-[1-9][0-9]*)?\.mp4")
+
+
+def init_uri(generation: int = 0) -> str:
+    """The init segment of a track's ``generation``-th format (``TrackPackager.init_generation``).
+    Each format gets its own URI because players cache init segments by URI: a new one at the
+    same URI would be decoded as the old one. The first keeps ``init.mp4``."""
+    return "init.mp4" if generation == 0 else f"init-{generation}.mp4"
+
+
+def is_init_name(name: str) -> bool:
+    """Whether ``name`` is what ``init_uri`` gives for some generation."""
+    return _INIT_NAME.fullmatch(name) is not None
 
 
 def segment_uri(msn: int) -> str:
@@ -41,6 +53,7 @@ class _Segment:
     msn: int
     program_date_time: float
     discontinuity: bool
+    init_generation: int
     parts: list[PartEntry] = field(default_factory=list)
     duration: float = 0.0
     complete: bool = False
@@ -63,20 +76,33 @@ class RenditionSettings:
 
 
 class RenditionLog:
-    """The playlist state of one rendition. Event order: opened, parts, ready, per segment."""
+    """The playlist state of one rendition. Event order: opened, parts, ready, per segment;
+    ``declare`` the track's format (init generation) before its segments."""
 
     def __init__(self, settings: RenditionSettings) -> None:
         self.settings = settings
         self._segments: list[_Segment] = []  # oldest first; the last may be open
         self.discontinuity_sequence = 0
+        self.init_generation = 0  # the declared format's: the next segment's
+        self._inits = {0}  # generations whose init segment is still needed
         self.ended = False
         self.version = 0  # bumps on every change; renders and waiters key on it
 
     # -- applying events ----------------------------------------------------------------------------
+    def declare(self, init_generation: int) -> WindowChange:
+        """The track (re)declared its format: segments opened from now on need the init segment
+        of ``init_generation``. An older init no listed segment needs is unlisted."""
+        self.version += 1
+        self.init_generation = init_generation
+        self._inits.add(init_generation)
+        return WindowChange(self._unneeded_inits())
+
     def apply(self, event: PackagerEvent) -> WindowChange:
         self.version += 1
         if isinstance(event, SegmentOpened):
-            self._segments.append(_Segment(event.msn, event.program_date_time, event.discontinuity))
+            self._segments.append(_Segment(event.msn, event.program_date_time, event.discontinuity,
+                                           event.init_generation))
+            self._inits.add(event.init_generation)  # a replayed log's may predate ``declare``
         elif isinstance(event, PartReady):
             segment = self._segment(event.msn)
             segment.parts.append(PartEntry(event.duration, part_uri(event.msn, event.index),
@@ -109,7 +135,14 @@ class RenditionLog:
                 self.discontinuity_sequence += 1
             unlisted.append(segment_uri(oldest.msn))
             unlisted += [part.uri for part in oldest.parts]
-        return tuple(unlisted)
+        return tuple(unlisted) + self._unneeded_inits() if unlisted else ()
+
+    def _unneeded_inits(self) -> tuple[str, ...]:
+        """Init segments of past formats that no listed segment needs any more (forgotten)."""
+        needed = {segment.init_generation for segment in self._segments} | {self.init_generation}
+        unneeded = sorted(self._inits - needed)
+        self._inits -= set(unneeded)
+        return tuple(init_uri(generation) for generation in unneeded)
 
     # -- questions ------------------------------------------------------------------------------------
     @property
@@ -149,7 +182,10 @@ class RenditionLog:
 
     def object_state(self, name: str) -> Readiness:
         """For a part or segment name: READY if listed, WAIT if it is the next part (preload
-        hint) or segment being produced, GONE otherwise."""
+        hint) or segment being produced, GONE otherwise. An init segment is READY while a listed
+        segment (or the next one) needs it."""
+        if is_init_name(name):
+            return Readiness.READY if name in map(init_uri, self._inits) else Readiness.GONE
         for segment in self._segments:
             if name == segment_uri(segment.msn):
                 return Readiness.READY if segment.complete else Readiness.WAIT
@@ -190,7 +226,8 @@ class RenditionLog:
         entries = tuple(
             SegmentEntry(msn=s.msn, duration=s.duration, uri=segment_uri(s.msn),
                          program_date_time=s.program_date_time, discontinuity=s.discontinuity,
-                         parts=tuple(s.parts) if i >= len(complete) - with_parts else ())
+                         parts=tuple(s.parts) if i >= len(complete) - with_parts else (),
+                         map_uri=init_uri(s.init_generation))
             for i, s in enumerate(complete))
         can_skip_until = 6.0 * settings.target_duration
         skipped = 0
@@ -204,11 +241,15 @@ class RenditionLog:
                 if total - elapsed < can_skip_until:
                     break
                 skipped += 1
+        # The next segment (open, or hinted) needs the declared format's init unless it is open
+        # with an older one (declared while it was being cut: the next one switches).
+        next_init = init_uri(open_segment.init_generation if open_segment else self.init_generation)
+        listed = entries[skipped:]
         return MediaPlaylist(
             target_duration=settings.target_duration,
             media_sequence=complete[0].msn if complete else (open_segment.msn if open_segment
                                                                 else 0),
-            map_uri=init_uri(),
+            map_uri=listed[0].map_uri if listed else next_init,
             segments=entries,
             part_target=settings.part_duration,
             discontinuity_sequence=self.discontinuity_sequence,
@@ -216,6 +257,7 @@ class RenditionLog:
             open_segment_discontinuity=bool(open_segment and open_segment.discontinuity),
             open_segment_program_date_time=open_segment.program_date_time if open_segment
             else None,
+            open_segment_map_uri=next_init,
             preload_hint_uri=self.preload_hint(),
             rendition_reports=reports,
             part_hold_back=3.0 * settings.part_duration,

@@ -97,12 +97,17 @@ class StreamWindow:
         self.ended = False
 
     # -- changes -------------------------------------------------------------------------------------
-    def declare_track(self, track: TrackInfo) -> None:
-        """A track (rendition) exists, or changed format."""
+    def declare_track(self, track: TrackInfo, init_generation: int = 0) -> None:
+        """A track (rendition) exists, or changed format. Its init segment is stored under
+        ``init_uri(init_generation)``; one of an older format stays pinned while listed
+        segments need it."""
         self.tracks[track.name] = track
         self._codecs[track.name] = _codecs_of(track)
         if track.name not in self._logs:
             self._logs[track.name] = RenditionLog(self._rendition_settings)
+        change = self._logs[track.name].declare(init_generation)
+        for name in change.unlisted:
+            self._store.unpin(object_key(self.name, track.name, name))
         self._changed_rendition(track.name)
 
     def apply_event(self, event: PackagerEvent) -> None:
@@ -136,6 +141,10 @@ class StreamWindow:
     # -- serving ---------------------------------------------------------------------------------------
     def has_rendition(self, rendition: str) -> bool:
         return rendition in self._logs
+
+    async def until_loaded(self, timeout: float) -> None:
+        """Return once the window knows its tracks (at once here; a replica reads its log first),
+        or after ``timeout`` seconds."""
 
     def is_ready(self) -> bool:
         """Every track has media: the multivariant playlist can be offered."""
@@ -210,7 +219,9 @@ class StreamWindow:
         return int(peak), int(average)
 
     def init_segment(self, rendition: str) -> bytes | None:
-        return self.object(rendition, init_uri())
+        """The init segment of the rendition's declared format (its next segment's)."""
+        log = self._logs.get(rendition)
+        return self.object(rendition, init_uri(log.init_generation if log else 0))
 
     def object(self, rendition: str, name: str) -> bytes | None:
         """The bytes of an init segment, part or segment of this stream, if still stored."""

@@ -33,10 +33,12 @@ class WireError(ValueError):
 def encode_event(event: WindowEvent) -> Fields:
     """The fields of ``event`` (media bytes left out, see the module docstring)."""
     if isinstance(event, TrackDeclared):
-        return {"v": VERSION, "e": "track", **_track_fields(event.track)}
+        return {"v": VERSION, "e": "track", **_track_fields(event.track),
+                **_generation(event.init_generation)}
     if isinstance(event, SegmentOpened):
         return {"v": VERSION, "e": "open", "t": event.track, "m": str(event.msn),
-                "pdt": repr(event.program_date_time), "disc": _flag(event.discontinuity)}
+                "pdt": repr(event.program_date_time), "disc": _flag(event.discontinuity),
+                **_generation(event.init_generation)}
     if isinstance(event, PartReady):
         return {"v": VERSION, "e": "part", "t": event.track, "m": str(event.msn),
                 "i": str(event.index), "d": repr(event.duration),
@@ -58,10 +60,10 @@ def decode_event(fields: Mapping[str | bytes, str | bytes]) -> WindowEvent:
             raise WireError(f"unknown event format version {text.get('v')!r}")
         kind = text["e"]
         if kind == "track":
-            return TrackDeclared(_track_from(text), b"")
+            return TrackDeclared(_track_from(text), b"", int(text.get("g", "0")))
         if kind == "open":
             return SegmentOpened(text["t"], int(text["m"]), float(text["pdt"]),
-                                 _from_flag(text["disc"]))
+                                 _from_flag(text["disc"]), int(text.get("g", "0")))
         if kind == "part":
             return PartReady(text["t"], int(text["m"]), int(text["i"]), float(text["d"]),
                              _from_flag(text["ind"]), b"")
@@ -129,6 +131,12 @@ def _track_from(text: Mapping[str, str]) -> TrackInfo:
                      bitrate=int(text["br"]), width=int(text["w"]), height=int(text["h"]),
                      frame_rate=float(text["fps"]), sample_rate=int(text["sr"]),
                      channels=int(text["ch"]))
+
+
+def _generation(init_generation: int) -> Fields:
+    # The track's init generation (``origin.rendition.init_uri``); absent means 0, so entries
+    # written before it existed decode the same.
+    return {"g": str(init_generation)} if init_generation else {}
 
 
 def _flag(value: bool) -> str:

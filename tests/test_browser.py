@@ -301,3 +301,38 @@ def test_publish_a_screen(node, page):
     assert sorted(tracks) == ["audio:device", "video:monitor"]  # the screen, and the microphone
     page.click("#stop")
     expect(page.locator("#state")).to_have_attribute("data-state", "stopped")
+
+
+def test_hls_js_plays_on_across_a_resolution_change(namespace, node, page):
+    # The publisher drops from 640x360 to 320x180: the 360p rung goes on at 320x180 after a
+    # discontinuity, with a new init segment at its own URI (an EXT-X-MAP after the
+    # DISCONTINUITY). hls.js, pinned to that rung, must decode the new size with the new init.
+    import asyncio
+    import threading
+
+    from bench.soak import encode_ts, publish_ws
+    token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, "resize", 86400, "tester")
+    data = encode_ts(20.0, (640, 360), 30, ((10.0, (320, 180)),))
+    outcome: list[str] = []
+    publisher = threading.Thread(target=lambda: outcome.append(namespace.call(
+        lambda: asyncio.run(publish_ws(node.ws_url, "resize", data, 20.0, token=token)))))
+    publisher.start()
+    try:
+        errors = page_errors(page)
+        page.goto(node.url + "/watch/resize")
+        assert_playing(page)
+        label = next(text for text in page.locator("#quality option").all_inner_texts()
+                     if text.startswith("360p"))
+        page.locator("#quality").select_option(label=label)
+        page.wait_for_function("() => document.getElementById('video').videoHeight === 360",
+                               timeout=15_000)
+        page.wait_for_function("() => document.getElementById('video').videoHeight === 180",
+                               timeout=25_000)
+        assert_playing(page)
+        status, body = namespace.fetch(node.url + "/hls/resize/360p/index.m3u8")
+        assert status == 200 and '#EXT-X-MAP:URI="init-1.mp4' in body.decode()
+        screenshot(page, "resolution-change")
+        assert errors == []
+    finally:
+        publisher.join(timeout=30)
+    assert outcome == ["ok"]

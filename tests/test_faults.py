@@ -261,6 +261,20 @@ class ResolutionChange:
     playlists: dict[str, str]  # rendition -> its playlist after the change
     multivariant: str
     alive: bool
+    # (rendition, name) -> bytes: the init of every EXT-X-MAP listed and the segments after each
+    objects: dict[tuple[str, str], bytes] = field(default_factory=dict)
+
+
+def _maps_and_segments(text: str) -> list[tuple[str, str]]:
+    """(init URI, the first segment it applies to) for every EXT-X-MAP of a media playlist."""
+    pairs, current = [], None
+    for line in text.splitlines():
+        if line.startswith("#EXT-X-MAP:"):
+            current = line.split('"')[1].split("?")[0]
+        elif current and re.fullmatch(r"seg\d+\.m4s", line):
+            pairs.append((current, line))
+            current = None
+    return pairs
 
 
 @pytest.fixture(scope="module")
@@ -280,8 +294,15 @@ def resolution_change(tmp_path_factory) -> ResolutionChange:
             await asyncio.gather(*following)
             playlists = {r: playlist_text(node, f"resize/{r}/index.m3u8")[1] for r in viewers}
             multivariant = playlist_text(node, "resize/index.m3u8")[1]
+            objects = {}
+            for rendition in ("360p", "180p"):
+                for init, segment in _maps_and_segments(playlists[rendition]):
+                    for name in (init, segment):
+                        status, body = http_get(f"{node.url}/hls/resize/{rendition}/{name}")
+                        if status == 200:
+                            objects[(rendition, name)] = body
             assert await publishing == "ok"
-            return ResolutionChange(viewers, playlists, multivariant, node.alive())
+            return ResolutionChange(viewers, playlists, multivariant, node.alive(), objects)
     return asyncio.run(scenario())
 
 
@@ -311,3 +332,39 @@ def test_a_resolution_change_leaves_no_rendition_listed_that_stopped(resolution_
     assert media_sequence(text) == media_sequence(resolution_change.playlists["180p"])
     assert last_segment(text.encode()) == last_segment(
         resolution_change.playlists["180p"].encode())
+
+
+def _decoded_size(init: bytes, segment: bytes) -> tuple[int, int]:
+    with av.open(io.BytesIO(init + segment), format="mp4") as container:
+        frame = next(container.decode(video=0))
+    return frame.width, frame.height
+
+
+@pytest.mark.parametrize("rendition, sizes", [
+    ("360p", [(640, 360), (320, 180)]),  # goes on at the smaller source's size: a new init
+])
+def test_a_resolution_change_lists_a_new_init_after_the_discontinuity(resolution_change,
+                                                                       rendition, sizes):
+    # Players cache init segments by URI (hls.js, Safari, FFmpeg): the new format's init has its
+    # own, in an EXT-X-MAP after the DISCONTINUITY, and the segments before keep theirs.
+    text = resolution_change.playlists[rendition]
+    before, after = text.split(DISCONTINUITY, 1)
+    pairs = _maps_and_segments(text)
+    assert [init for init, _ in pairs] == ["init.mp4", "init-1.mp4"], text
+    assert 'URI="init.mp4' in before and after.startswith('#EXT-X-MAP:URI="init-1.mp4')
+    objects = resolution_change.objects
+    assert [_decoded_size(objects[(rendition, init)], objects[(rendition, segment)])
+            for init, segment in pairs] == sizes
+
+
+def test_a_resolution_change_keeps_the_init_of_a_rung_whose_format_did_not_change(
+        resolution_change):
+    # 180p is 320x180 before and after (downscaled, then the source's own size): if its encoder
+    # describes it the same, it keeps one init; if not, each format's init decodes its segments.
+    text = resolution_change.playlists["180p"]
+    pairs = _maps_and_segments(text)
+    assert pairs and pairs[0][0] == "init.mp4"
+    assert len({init for init, _ in pairs}) == len(pairs)
+    objects = resolution_change.objects
+    for init, segment in pairs:
+        assert _decoded_size(objects[("180p", init)], objects[("180p", segment)]) == (320, 180)

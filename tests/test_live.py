@@ -18,9 +18,11 @@ from origin.rendition import Readiness
 SETTINGS = LiveSettings(segment_duration=1.0, part_duration=0.25, window_segments=4)
 
 
-def encode_video(seconds: float, fps: int = 30) -> tuple[TrackInfo, list[EncodedSample]]:
+def encode_video(seconds: float, fps: int = 30,
+                 size: tuple[int, int] = (160, 90)) -> tuple[TrackInfo, list[EncodedSample]]:
+    width, height = size
     encoder = av.CodecContext.create("libx264", "w")
-    encoder.width, encoder.height, encoder.pix_fmt = 160, 90, "yuv420p"
+    encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
     encoder.time_base = Fraction(1, 90_000)
     encoder.framerate = Fraction(fps, 1)
     encoder.flags |= av.codec.context.Flags.global_header
@@ -28,7 +30,8 @@ def encode_video(seconds: float, fps: int = 30) -> tuple[TrackInfo, list[Encoded
                        "x264-params": f"keyint={fps}:min-keyint={fps}:scenecut=0"}
     samples = []
     for i in range(int(seconds * fps)):
-        frame = av.VideoFrame.from_ndarray(np.full((90, 160, 3), i % 255, np.uint8), format="rgb24")
+        frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), i % 255, np.uint8),
+                                           format="rgb24")
         frame = frame.reformat(format="yuv420p")
         frame.pts = i * 90_000 // fps
         for packet in encoder.encode(frame):
@@ -38,7 +41,7 @@ def encode_video(seconds: float, fps: int = 30) -> tuple[TrackInfo, list[Encoded
         samples.append(EncodedSample(packet.dts, packet.pts, 90_000 // fps, packet.is_keyframe,
                                      bytes(packet)))
     track = TrackInfo("90p", TrackKind.VIDEO, "h264", 90_000, bytes(encoder.extradata), 200_000,
-                      width=160, height=90, frame_rate=float(fps))
+                      width=width, height=height, frame_rate=float(fps))
     return track, samples
 
 
@@ -176,3 +179,94 @@ async def test_resume_leaves_out_a_segment_opened_without_parts_and_numbers_new_
     assert (first.msn, first.discontinuity) == (3, True)
     assert new.closed_segments() == []
     assert all(e.msn >= 3 for e in told if isinstance(e, SegmentReady))
+
+
+def decoded_size(init: bytes, segment: bytes) -> tuple[int, int]:
+    with av.open(io.BytesIO(init + segment), format="mp4") as container:
+        frame = next(container.decode(video=0))
+    return frame.width, frame.height
+
+
+def test_a_format_change_gets_its_own_init_uri_and_the_old_one_stays_while_listed():
+    from origin.live import TrackDeclared
+    store = MemoryCache(max_bytes=32 * 2**20)
+    stream = LiveStream("cam", SETTINGS, store, clock=lambda: 1e9)
+    told: list = []
+    stream.listeners.append(lambda _, event: told.append(event))
+    small, small_samples = encode_video(2.1)
+    large, large_samples = encode_video(6.1, size=(320, 180))
+    stream.add_track(small)
+    for sample in small_samples:
+        stream.add_sample("90p", sample)
+    stream.discontinuity()
+    stream.add_track(large)  # the same rendition, re-declared at another size
+    for sample in large_samples[:70]:  # 2.3 s: two segments of the new size
+        stream.add_sample("90p", sample)
+    assert [(e.track.height, e.init_generation) for e in told
+            if isinstance(e, TrackDeclared)] == [(90, 0), (180, 1)]
+    playlist = stream.media_playlist("90p")
+    maps = [line for line in playlist.splitlines() if line.startswith(("#EXT-X-MAP", "#EXT-X-DIS"))]
+    assert maps == ['#EXT-X-MAP:URI="init.mp4"', "#EXT-X-DISCONTINUITY",
+                    '#EXT-X-MAP:URI="init-1.mp4"']
+    assert playlist.index('URI="init-1.mp4"') < playlist.index("seg3.m4s")
+    # Each init decodes the segments that name it.
+    old_init = stream.object("90p", "init.mp4")
+    new_init = stream.object("90p", "init-1.mp4")
+    assert stream.init_segment("90p") == new_init != old_init
+    assert decoded_size(old_init, stream.object("90p", "seg0.m4s")) == (160, 90)
+    assert decoded_size(new_init, stream.object("90p", "seg3.m4s")) == (320, 180)
+    assert stream.object_state("90p", "init.mp4") is Readiness.READY
+    # Once no listed segment needs the old init, it is unpinned like a segment.
+    for sample in large_samples[70:]:
+        stream.add_sample("90p", sample)
+    playlist = stream.media_playlist("90p")
+    assert "init.mp4" not in playlist and playlist.count("#EXT-X-MAP") == 1
+    assert stream.object_state("90p", "init.mp4") is Readiness.GONE
+    assert not store.unpin(object_key("cam", "90p", "init.mp4"))  # already unpinned
+    assert store.unpin(object_key("cam", "90p", "init-1.mp4"))  # still pinned
+
+
+
+@pytest.mark.parametrize("new_size, generation", [
+    ((320, 180), 1),  # as the log last declared it: that generation (same bytes, same URI)
+    ((160, 90), 0),  # as it declared it first
+    ((240, 136), 2),  # a format the log never had: the next unused generation
+])
+def test_a_resumed_stream_numbers_its_init_after_the_log_it_continues(new_size, generation):
+    from origin.live import TrackDeclared
+    old_store = MemoryCache(max_bytes=32 * 2**20)
+    old = LiveStream("cam", SETTINGS, old_store, clock=lambda: 1e9)
+    history: list = []
+    old.listeners.append(lambda _, event: history.append(event))
+    small, small_samples = encode_video(2.1)
+    large, large_samples = encode_video(1.6, size=(320, 180))
+    old.add_track(small)
+    for sample in small_samples:
+        old.add_sample("90p", sample)
+    old.discontinuity()
+    old.add_track(large)
+    for sample in large_samples:
+        old.add_sample("90p", sample)
+
+    async def fetch_missing(rendition, name):
+        return old_store.get_now(object_key("cam", rendition, name))
+
+    track, samples = encode_video(1.5, size=new_size)
+    new = LiveStream("cam", SETTINGS, MemoryCache(max_bytes=32 * 2**20), clock=lambda: 2e9)
+    told: list = []
+    new.listeners.append(lambda _, event: told.append(event))
+    new.add_track(track)
+    new.hold()
+    assert new.resume(history, fetch_missing)
+    for sample in samples:
+        new.add_sample("90p", sample)
+    declared = [e.init_generation for e in told if isinstance(e, TrackDeclared)]
+    assert declared[-1] == generation
+    uri = "init.mp4" if generation == 0 else f"init-{generation}.mp4"
+    playlist = new.media_playlist("90p")
+    # The old segments keep the inits they were cut with; the new ones name this stream's.
+    assert playlist.index('#EXT-X-MAP:URI="init.mp4"') < playlist.index("seg2.m4s")
+    assert playlist.index('#EXT-X-MAP:URI="init-1.mp4"') < playlist.index("seg3.m4s")
+    assert playlist.rindex(f'#EXT-X-MAP:URI="{uri}"') < playlist.index("seg5.m4s")
+    assert new.init_segment("90p") == new.object("90p", uri)
+    assert decoded_size(new.init_segment("90p"), new.object("90p", "seg5.m4s")) == new_size

@@ -184,3 +184,111 @@ def test_redeclared_track_restarts_with_a_discontinuity(video_track):
     events = run_stream(stream, "180p", video_samples(5))
     assert of(SegmentOpened, events)[0].discontinuity
     assert of(SegmentOpened, events)[0].msn == 2
+
+
+def test_a_format_change_gets_a_new_init_generation_and_an_identical_one_keeps_it(video_track):
+    from dataclasses import replace
+    stream = StreamPackager(SETTINGS)
+    assert stream.add_track(video_track).init_generation == 0
+    for sample in video_samples(70):
+        stream.push("180p", sample, now=1.0)
+    stream.discontinuity(now=2.0)
+    # The same description again (a republish): the same init, the same generation.
+    assert stream.add_track(video_track).init_generation == 0
+    smaller = replace(video_track, width=160, height=90)
+    packager = stream.add_track(smaller)
+    assert packager.init_generation == 1
+    events = run_stream(stream, "180p", video_samples(5))
+    assert [(e.msn, e.init_generation) for e in of(SegmentOpened, events)] == [(2, 1)]
+    assert stream.add_track(video_track).init_generation == 2  # back: a new generation again
+
+
+def _joined(video_track, first_keyframe: int, after_discontinuity: bool):
+    """A 180p track runs 3.5 s (segment 0 done, 1 open until its 4 s grid end); a 360p rung
+    joins, its first keyframe at frame ``first_keyframe`` (mid-period: both tracks go on
+    together) or, after a discontinuity, at the new period's start."""
+    from dataclasses import replace
+    stream = StreamPackager(SETTINGS)
+    stream.add_track(video_track)
+    for sample in video_samples(105):  # 3.5 s
+        stream.push("180p", sample, now=1.0)
+    if after_discontinuity:
+        stream.discontinuity(now=2.0)
+    rung = replace(video_track, name="360p", width=640, height=360)
+    joined = stream.add_track(rung)
+    frames = range(150) if after_discontinuity else range(105, first_keyframe + 150)
+    events = []
+    for frame in frames:
+        time = frame * FRAME
+        # A new encoder starts with a keyframe, then the ladder puts them on the grid.
+        keyframe = frame == first_keyframe or (frame > first_keyframe and frame % 60 == 0)
+        sample = EncodedSample(time, time, FRAME, keyframe, IDR if keyframe else NON_IDR)
+        events += stream.push("360p", sample, now=1.0)
+        if not after_discontinuity:
+            events += stream.push("180p", replace(sample, data=IDR if frame % 60 == 0
+                                                  else NON_IDR, keyframe=frame % 60 == 0),
+                                  now=1.0)
+    return stream, joined, events
+
+
+@pytest.mark.parametrize("first_keyframe, first_msn", [
+    (105, 1),  # mid-segment 1 (2-4 s): a shorter segment 1, then 2 on the grid
+    (120, 2),  # on the grid point of segment 2
+    (180, 3),  # a keyframe only one segment later (6 s): numbered by the grid, 3
+])
+def test_a_rung_joining_mid_stream_is_numbered_like_the_others(video_track, first_keyframe,
+                                                                first_msn):
+    stream, joined, events = _joined(video_track, first_keyframe, after_discontinuity=False)
+    opened = {(e.track, e.msn): e.program_date_time for e in of(SegmentOpened, events)}
+    rung = sorted(msn for track, msn in opened if track == "360p")
+    assert rung[0] == first_msn and len(rung) >= 2
+    # The same number is the same span of time in both renditions: segment N of 180p starts at
+    # 2N s (its dates are 1.0 + that), and 360p's first may start later inside it.
+    first = rung[0]
+    assert 1.0 + 2 * first <= opened[("360p", first)] < 1.0 + 2 * (first + 1)
+    for msn in rung[1:]:
+        assert opened[("360p", msn)] == pytest.approx(1.0 + 2 * msn)
+        assert opened[("180p", msn)] == pytest.approx(1.0 + 2 * msn)
+
+
+def test_a_rung_joining_at_a_discontinuity_starts_at_the_others_next_number(video_track):
+    stream, joined, events = _joined(video_track, 0, after_discontinuity=True)
+    opened = [e for e in of(SegmentOpened, events) if e.track == "360p"]
+    assert joined.next_msn == opened[-1].msn + 1
+    assert opened[0].msn == stream.tracks["180p"].next_msn == 2
+    assert stream.tracks["360p"].offset == stream.tracks["180p"].offset == 4 * 90_000
+
+
+def test_a_joining_video_rung_is_numbered_like_the_video_not_the_audio(video_track, audio_track):
+    from dataclasses import replace
+    stream = StreamPackager(SETTINGS)
+    stream.add_track(video_track)
+    stream.add_track(audio_track)
+    for sample in video_samples(105):  # 3.5 s: segment 1 open
+        stream.push("180p", sample, now=1.0)
+    for sample in audio_samples(193):  # 4.1 s: audio opened segment 2 past the 4 s grid point
+        stream.push("audio", sample, now=1.0)
+    stream.discontinuity(now=2.0)
+    assert (stream.tracks["180p"].next_msn, stream.tracks["audio"].next_msn) == (2, 3)
+    rung = stream.add_track(replace(video_track, name="360p", width=640, height=360))
+    assert rung.next_msn == 2
+
+
+def test_a_rung_declared_just_after_the_first_samples_of_another_starts_with_it(video_track):
+    # At a stream's start the ladder's rungs are declared by their own threads, a few frames
+    # apart: a late one joins the open segment 0, keeping its first frames.
+    from dataclasses import replace
+    stream = StreamPackager(SETTINGS)
+    stream.add_track(video_track)
+    samples = list(video_samples(130))
+    for sample in samples[:3]:
+        stream.push("180p", sample, now=1.0)
+    late = stream.add_track(replace(video_track, name="360p", width=640, height=360))
+    events = []
+    for sample in samples[3:]:
+        events += stream.push("180p", sample, now=1.0)
+        events += stream.push("360p", replace(sample, keyframe=True, data=IDR)
+                              if sample.dts == 3 * FRAME else sample, now=1.0)
+    opened = [(e.track, e.msn) for e in of(SegmentOpened, events)]
+    assert [msn for track, msn in opened if track == "360p"] == [0, 1, 2]
+    assert late.dropped_samples == 0

@@ -94,3 +94,67 @@ def test_multivariant_lists_audio_group_and_variants():
 @pytest.mark.parametrize("longest, target", [(2.0, 2), (2.49, 2), (2.5, 3), (0.4, 1), (10.0, 10)])
 def test_target_duration_rounds_to_nearest(longest, target):
     assert target_duration_for(longest) == target
+
+
+# -- EXT-X-MAP placement (RFC 8216bis 4.4.4.5: a MAP applies until the next one) ------------------
+def _maps(text: str) -> list[str]:
+    """The playlist's lines reduced to MAP URIs, DISCONTINUITY, SKIP, segment and part URIs."""
+    kept = []
+    for line in text.splitlines():
+        if line.startswith("#EXT-X-MAP:"):
+            kept.append("MAP " + line.split('"')[1])
+        elif line == "#EXT-X-DISCONTINUITY" or line.startswith("#EXT-X-SKIP"):
+            kept.append(line[7:].split(":")[0])
+        elif line.startswith("#EXT-X-PART:"):
+            kept.append(line.split('"')[1])
+        elif line.endswith(".m4s"):
+            kept.append(line)
+    return kept
+
+
+_OLD, _NEW = "init.mp4", "init-1.mp4"
+
+
+@pytest.mark.parametrize("segments, change, expected", [
+    # One format: one MAP, at the top.
+    ([(7, _OLD, False), (8, _OLD, False)], {}, ["MAP init.mp4", "seg7.m4s", "seg8.m4s"]),
+    # A format change after a discontinuity: its MAP follows the DISCONTINUITY.
+    ([(7, _OLD, False), (8, _NEW, True)], {},
+     ["MAP init.mp4", "seg7.m4s", "DISCONTINUITY", "MAP init-1.mp4", "seg8.m4s"]),
+    # The window slid past the change: the first segment's MAP is the only one.
+    ([(8, _NEW, True), (9, _NEW, False)], dict(map_uri=_NEW),
+     ["MAP init-1.mp4", "DISCONTINUITY", "seg8.m4s", "seg9.m4s"]),
+    # A delta update skipping the old format's segments: the MAP in force for the first
+    # segment after the skip comes after EXT-X-SKIP, the skipped one is left out.
+    ([(7, _OLD, False), (8, _NEW, True), (9, _NEW, False)],
+     dict(map_uri=_NEW, skipped_segments=1),
+     ["SKIP", "MAP init-1.mp4", "DISCONTINUITY", "seg8.m4s", "seg9.m4s"]),
+    # Skipping segments of the same format still states their MAP.
+    ([(7, _OLD, False), (8, _OLD, False)], dict(skipped_segments=1),
+     ["SKIP", "MAP init.mp4", "seg8.m4s"]),
+    # The open segment of a new format: its MAP precedes its parts.
+    ([(7, _OLD, False)], dict(open_parts=(PartEntry(0.5, "part8.0.m4s", True),),
+                             open_segment_discontinuity=True, open_segment_map_uri=_NEW),
+     ["MAP init.mp4", "seg7.m4s", "DISCONTINUITY", "MAP init-1.mp4", "part8.0.m4s"]),
+    # Back to the first format: a MAP each time it changes.
+    ([(7, _OLD, False), (8, _NEW, True), (9, "init.mp4", True)], {},
+     ["MAP init.mp4", "seg7.m4s", "DISCONTINUITY", "MAP init-1.mp4", "seg8.m4s",
+      "DISCONTINUITY", "MAP init.mp4", "seg9.m4s"]),
+])
+def test_every_segment_is_preceded_by_the_map_in_force_for_it(segments, change, expected):
+    playlist = MediaPlaylist(
+        target_duration=2, media_sequence=segments[0][0], map_uri=_OLD,
+        segments=tuple(SegmentEntry(msn, 2.0, f"seg{msn}.m4s", discontinuity=discontinuity,
+                                    map_uri=map_uri)
+                       for msn, map_uri, discontinuity in segments))
+    from dataclasses import replace
+    assert _maps(render_media_playlist(replace(playlist, **change))) == expected
+
+
+def test_map_uris_carry_the_query():
+    playlist = MediaPlaylist(2, 7, _OLD, (SegmentEntry(7, 2.0, "seg7.m4s", map_uri=_OLD),
+                                          SegmentEntry(8, 2.0, "seg8.m4s", discontinuity=True,
+                                                       map_uri=_NEW)))
+    text = render_media_playlist(playlist, query="token=abc")
+    assert '#EXT-X-MAP:URI="init.mp4?token=abc"' in text
+    assert '#EXT-X-MAP:URI="init-1.mp4?token=abc"' in text

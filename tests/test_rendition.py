@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from origin.packager import PartReady, SegmentOpened, SegmentReady
-from origin.rendition import Readiness, RenditionLog, RenditionSettings
+from origin.playlist import render_media_playlist
+from origin.rendition import (Readiness, RenditionLog, RenditionSettings, init_uri,
+                              is_init_name)
 
 SETTINGS = RenditionSettings(segment_duration=2.0, part_duration=0.522, window_segments=3,
                              target_duration=2)
@@ -91,3 +95,114 @@ def test_end_drops_the_open_segment_and_answers_every_wait(log):
     playlist = log.playlist()
     assert playlist.ended and not playlist.open_parts and playlist.preload_hint_uri is None
     assert log.readiness(5, 0) is Readiness.READY
+
+
+# -- one init URI per format -------------------------------------------------------------------------
+@pytest.mark.parametrize("generation, uri", [(0, "init.mp4"), (1, "init-1.mp4"), (12, "init-12.mp4")])
+def test_init_uri_per_generation(generation, uri):
+    assert init_uri(generation) == uri
+    assert is_init_name(uri)
+
+
+@pytest.mark.parametrize("name", ["init-0.mp4", "init-.mp4", "init-1.m4s", "xinit.mp4",
+                                  "init-01.mp4", "seg1.m4s", "init.mp4/x", "init-1a.mp4"])
+def test_other_names_are_not_init_names(name):
+    assert not is_init_name(name)
+
+
+def feed_formats(log: RenditionLog, formats: list[int]) -> list[tuple[str, ...]]:
+    """One complete 2 s segment per item of ``formats`` (its init generation), declaring the
+    format (and opening with a discontinuity) whenever it changes. Returns what each change
+    unlisted."""
+    unlisted: list[tuple[str, ...]] = []
+    for msn, generation in enumerate(formats):
+        changed = generation != log.init_generation
+        if changed:
+            unlisted.append(log.declare(generation).unlisted)
+        unlisted.append(log.apply(SegmentOpened("v", msn, 1000.0 + 2 * msn, changed,
+                                                generation)).unlisted)
+        for index in range(4):
+            log.apply(PartReady("v", msn, index, 0.5, index == 0, b"x"))
+        unlisted.append(log.apply(SegmentReady("v", msn, 2.0, 4, 4, b"x" * 4)).unlisted)
+    return unlisted
+
+
+def maps_of(playlist) -> list[tuple[int, str]]:
+    return [(s.msn, s.map_uri) for s in playlist.segments[playlist.skipped_segments:]]
+
+
+@pytest.mark.parametrize("formats, map_uri, maps", [
+    # window_segments=3: the last three segments are listed.
+    ([0, 0, 0], "init.mp4", [(0, "init.mp4"), (1, "init.mp4"), (2, "init.mp4")]),
+    # Changed after segment 1: the segments after the discontinuity need init-1.mp4.
+    ([0, 0, 1], "init.mp4", [(0, "init.mp4"), (1, "init.mp4"), (2, "init-1.mp4")]),
+    # The window slid: the first listed segment is of the old format, its MAP heads the playlist.
+    ([0, 0, 0, 1, 1], "init.mp4", [(2, "init.mp4"), (3, "init-1.mp4"), (4, "init-1.mp4")]),
+    # Slid past the change: only the new format is listed.
+    ([0, 0, 1, 1, 1], "init-1.mp4", [(2, "init-1.mp4"), (3, "init-1.mp4"), (4, "init-1.mp4")]),
+    # Two changes in the window.
+    ([0, 1, 2], "init.mp4", [(0, "init.mp4"), (1, "init-1.mp4"), (2, "init-2.mp4")]),
+])
+def test_each_segment_names_the_init_of_its_format(formats, map_uri, maps):
+    log = RenditionLog(SETTINGS)
+    feed_formats(log, formats)
+    playlist = log.playlist()
+    assert playlist.map_uri == map_uri
+    assert maps_of(playlist) == maps
+
+
+def test_an_old_init_is_unlisted_when_its_last_segment_slides_out():
+    log = RenditionLog(SETTINGS)
+    unlisted = [names for names in feed_formats(log, [0, 0, 1, 1, 1, 1]) if names]
+    # Segment 1 (the last of init.mp4) slides out as segment 4 completes, segment 2 with 5.
+    assert unlisted == [("seg0.m4s", "part0.0.m4s", "part0.1.m4s", "part0.2.m4s",
+                         "part0.3.m4s"),
+                        ("seg1.m4s", "part1.0.m4s", "part1.1.m4s", "part1.2.m4s",
+                         "part1.3.m4s", "init.mp4"),
+                        ("seg2.m4s", "part2.0.m4s", "part2.1.m4s", "part2.2.m4s",
+                         "part2.3.m4s")]
+    assert log.object_state("init.mp4") is Readiness.GONE
+    assert log.object_state("init-1.mp4") is Readiness.READY
+
+
+def test_a_format_declared_before_any_segment_of_the_old_one_unlists_it_at_once():
+    log = RenditionLog(SETTINGS)
+    assert log.declare(1).unlisted == ("init.mp4",)
+    assert log.declare(1).unlisted == ()
+    assert log.object_state("init-1.mp4") is Readiness.READY
+    assert log.object_state("init.mp4") is Readiness.GONE
+
+
+def test_a_declared_format_heads_the_next_segment_and_the_open_one_keeps_its_own():
+    log = RenditionLog(SETTINGS)
+    feed_formats(log, [0, 0])
+    log.declare(1)
+    hinted = log.playlist()
+    assert hinted.open_segment_map_uri == "init-1.mp4"  # the hinted part2.0 is of the new format
+    assert log.object_state("init.mp4") is Readiness.READY  # segments 0 and 1 still need it
+    log.apply(SegmentOpened("v", 2, 1004.0, True, 1))
+    log.apply(PartReady("v", 2, 0, 0.5, True, b"x"))
+    playlist = log.playlist()
+    assert (playlist.map_uri, playlist.open_segment_map_uri) == ("init.mp4", "init-1.mp4")
+    assert [p.uri for p in playlist.open_parts] == ["part2.0.m4s"]
+
+
+@pytest.mark.parametrize("formats, skipped, map_uri", [
+    # 10 segments listed, CAN-SKIP-UNTIL 12 s: four are skipped.
+    ([0] * 10, 4, "init.mp4"),
+    ([0] * 4 + [1] * 6, 4, "init-1.mp4"),  # the skip ends at the change
+    ([0] * 6 + [1] * 4, 4, "init.mp4"),  # the first segment after the skip is of the old format
+    ([0] * 2 + [1] * 8, 4, "init-1.mp4"),  # the skip covers the change
+])
+def test_a_delta_update_names_the_map_in_force_after_the_skip(formats, skipped, map_uri):
+    wide = RenditionLog(RenditionSettings(2.0, 0.522, 10, 2))
+    feed_formats(wide, formats)
+    playlist = wide.playlist(skip=True)
+    assert playlist.skipped_segments == skipped
+    assert playlist.map_uri == map_uri == playlist.segments[skipped].map_uri
+    text = render_media_playlist(playlist)
+    after_skip = text.split("#EXT-X-SKIP:SKIPPED-SEGMENTS=4\n", 1)[1]
+    assert after_skip.startswith(f'#EXT-X-MAP:URI="{map_uri}"\n')
+    # Every MAP in the delta update is one a listed segment needs.
+    listed = {s.map_uri for s in playlist.segments[skipped:]}
+    assert set(re.findall(r'#EXT-X-MAP:URI="([^"]+)"', text)) == listed

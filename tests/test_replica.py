@@ -294,6 +294,58 @@ async def test_a_replica_follows_the_stream_and_wakes_waiters_within_50ms(flushe
         assert replica.media_playlist(track.name).endswith("#EXT-X-ENDLIST\n")
 
 
+async def test_replicas_serve_the_init_of_each_format_through_redis(flushed):
+    """A format change reaches a replica following the stream and one that loads later from a
+    log whose first declaration was trimmed: both list and serve each segment's own init."""
+    from edge.redis_tier import events_key
+    from tests.test_live import decoded_size
+    small, small_samples = encode_video(2.1)
+    large, large_samples = encode_video(1.7, size=(320, 180))
+    async with Fleet(flushed.url) as fleet:
+        fleet.stream.add_track(small)
+        for sample in small_samples:
+            fleet.stream.add_sample("90p", sample)
+        await fleet.producer_tier.wait_drained()
+        following = fleet.directory.live_stream("cam")
+        await asyncio.wait_for(following.loaded.wait(), 2)
+        await caught_up(following, fleet.stream, "90p")
+        old_init = fleet.stream.object("90p", "init.mp4")
+        assert await following.fetch_object("90p", "init.mp4") == old_init  # now in memory
+        fleet.stream.discontinuity()
+        fleet.stream.add_track(large)
+        for sample in large_samples:
+            fleet.stream.add_sample("90p", sample)
+        await fleet.producer_tier.wait_drained()
+        new_init = fleet.stream.object("90p", "init-1.mp4")
+        assert new_init and new_init != old_init
+
+        client = aioredis.from_url(flushed.url)
+        [(first_id, first)] = await client.xrange(events_key("cam"), count=1)
+        assert first[b"e"] == b"track"
+        await client.xdel(events_key("cam"), first_id)
+        await client.aclose()
+        memory = MemoryCache(max_bytes=32 * 2**20)
+        late = ReplicaDirectory(_NoLocal(), fleet.reader_tier,
+                                ObjectReader(memory, fleet.reader_tier), memory, SETTINGS,
+                                fleet.reader_tier.part_target).live_stream("cam")
+        try:
+            await asyncio.wait_for(late.loaded.wait(), 2)
+            for replica in (following, late):
+                await caught_up(replica, fleet.stream, "90p")  # the same text, MAPs included
+                playlist = replica.media_playlist("90p")
+                assert playlist.index('URI="init.mp4"') < playlist.index("seg1.m4s") \
+                    < playlist.index('URI="init-1.mp4"') < playlist.index("seg3.m4s")
+                assert await replica.fetch_object("90p", "init.mp4") == old_init
+                assert await replica.fetch_object("90p", "init-1.mp4") == new_init
+                assert replica.init_segment("90p") in (None, new_init)
+                assert decoded_size(old_init, await replica.fetch_object("90p", "seg1.m4s")) \
+                    == (160, 90)
+                assert decoded_size(new_init, await replica.fetch_object("90p", "seg3.m4s")) \
+                    == (320, 180)
+        finally:
+            await late.close()
+
+
 async def test_unknown_streams_are_404_and_local_streams_win(flushed, video):
     track, samples = video
 
@@ -407,6 +459,55 @@ async def test_a_restarted_producer_resumes_its_log(flushed, video):
         await asyncio.wait_for(replica.loaded.wait(), 2)
         await caught_up(replica, again, track.name)
         await tier.close()
+
+
+async def test_a_producer_restarted_after_a_format_change_keeps_each_init(flushed):
+    """The log lists segments of two formats when the producer restarts; the new stream, in the
+    newer format, takes its generation (init-1.mp4): init.mp4 keeps the old format's bytes."""
+    from tests.test_live import decoded_size
+    small, small_samples = encode_video(2.1)
+    large, large_samples = encode_video(3.1, size=(320, 180))
+    async with Fleet(flushed.url) as fleet:
+        fleet.stream.add_track(small)
+        for sample in small_samples:
+            fleet.stream.add_sample("90p", sample)
+        fleet.stream.discontinuity()
+        fleet.stream.add_track(large)
+        for sample in large_samples[:40]:
+            fleet.stream.add_sample("90p", sample)
+        fleet.producer_tier.shutting_down()
+        fleet.stream.end()
+        await fleet.producer_tier.close()
+        old_init = fleet.stream.object("90p", "init.mp4")
+        new_init = fleet.stream.object("90p", "init-1.mp4")
+
+        tier = RedisTier(connect(RedisConfig(flushed.url)), SETTINGS, "node-a")
+        memory = MemoryCache(max_bytes=32 * 2**20)
+        streams = {}
+        tier.resumer = LocalResumer(streams.get, ObjectReader(memory, tier), tier.timings.ttl_for)
+        await tier.start()
+        try:
+            again = streams["cam"] = LiveStream("cam", SETTINGS, memory)
+            again.listeners.append(tier.on_window_event)
+            again.add_track(large)
+            for sample in large_samples[40:]:
+                again.add_sample("90p", sample)
+            await asyncio.wait_for(tier.wait_drained(), 3)
+            playlist = again.media_playlist("90p")
+            assert [line for line in playlist.splitlines() if line.startswith("#EXT-X-MAP")] \
+                == ['#EXT-X-MAP:URI="init.mp4"', '#EXT-X-MAP:URI="init-1.mp4"'], playlist
+            assert again.init_segment("90p") == new_init
+            replica = fleet.directory.live_stream("cam")
+            await asyncio.wait_for(replica.loaded.wait(), 2)
+            await caught_up(replica, again, "90p")
+            assert await replica.fetch_object("90p", "init.mp4") == old_init
+            assert await replica.fetch_object("90p", "init-1.mp4") == new_init
+            first = re.search(r"^(seg\d+\.m4s)$", playlist, re.M).group(1)
+            last = re.findall(r"^(seg\d+\.m4s)$", playlist, re.M)[-1]
+            assert decoded_size(old_init, await replica.fetch_object("90p", first)) == (160, 90)
+            assert decoded_size(new_init, await replica.fetch_object("90p", last)) == (320, 180)
+        finally:
+            await tier.close()
 
 
 # -- two real nodes --------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ CASES = [
     (SegmentReady("720p", 7, 2.002, 6, 412_345, b"x" * 10),
      SegmentReady("720p", 7, 2.002, 6, 412_345, b"")),
     (StreamEnded(), StreamEnded()),
+    # A later format of a track: its init generation names its init URI (init-2.mp4).
+    (TrackDeclared(VIDEO, b"init-bytes", 2), TrackDeclared(VIDEO, b"", 2)),
+    (SegmentOpened("720p", 9, 1_700_000_002.0, True, 2),) * 2,
 ]
 
 
