@@ -187,7 +187,9 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     publishing = Publishing(node, webhooks)
     node.publishing = publishing
     verifier = verifier or build_verifier(settings)
-    event_log = LocalEventLog(node.live_stream)
+    replicas_here: list[ReplicaDirectory] = []  # the event log also logs replicas (workers)
+    event_log = LocalEventLog(lambda name: replicas_here[0].existing(name) if replicas_here
+                              else node.live_stream(name))
     node.stream_listeners.append(event_log.on_window_event)
     link = MainProcessLink(settings.worker_of, settings.worker_secret or "") \
         if settings.worker_of else None
@@ -307,6 +309,10 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
         WhipRoutes.from_settings(settings, publishing, authorize).add_to(app)
     if tiers and tiers.fleet:
         tiers.fleet.add_to(app, lambda request: authorize(request, Scope.ADMIN, None))
+    if worker_secret is not None and tiers is not None:
+        # Workers follow the streams this node replicates (Redis, the fleet) through it too.
+        replicas_here.append(tiers.replicas)
+        tiers.replicas.listeners.append(event_log.on_window_event)
     if worker_secret is not None:  # the peer API this node's workers follow its streams through
         worker_credential = FleetCredential(worker_secret.encode(), "main")
         if tiers and tiers.fleet:

@@ -276,6 +276,8 @@ class ReplicaStream(StreamWindow):
         self._gate = EventGate()
         self._last_id = "0-0"
         self._on_retired = on_retired
+        # (stream, event) for each event applied: the event log this node's HTTP workers follow.
+        self.listeners: list[Callable[[str, WindowEvent], None]] = []
         self._poll = poll
         self._expiry_check = expiry_check
         self._task: asyncio.Task | None = None
@@ -393,6 +395,8 @@ class ReplicaStream(StreamWindow):
             self.end_playlists()
         else:
             self.apply_event(event)
+        for listener in self.listeners:
+            listener(self.name, event)
         return True
 
     def _adopt(self, settings: LiveSettings, part_target: float) -> None:
@@ -447,6 +451,7 @@ class ReplicaDirectory:
         self._clock = clock
         self._replica_options = replica_options
         self._replicas: dict[str, ReplicaStream] = {}
+        self.listeners: list[Callable[[str, WindowEvent], None]] = []  # given to every replica
         self._missing: dict[str, float] = {}  # name -> until when "no such stream" holds
         self._closing: set[asyncio.Task] = set()
         self._created = 0
@@ -476,6 +481,7 @@ class ReplicaDirectory:
         replica = ReplicaStream(name, self._tier, self._reader, self._memory, self._settings,
                                 self._part_target, on_retired=self._retired,
                                 **self._replica_options)
+        replica.listeners.extend(self.listeners)
         self._replicas[name] = replica
         self._created += 1
         replica.start()
@@ -493,6 +499,10 @@ class ReplicaDirectory:
         task = asyncio.ensure_future(replica.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    def existing(self, name: str) -> StreamWindow | None:
+        """The stream named ``name`` if produced or followed here now; never starts a replica."""
+        return self._local.live_stream(name) or self._replicas.get(name)
 
     def replicas(self) -> list[ReplicaStream]:
         return list(self._replicas.values())

@@ -16,6 +16,7 @@ import pytest
 from bench.load import child_pids
 from edge.tokens import Scope, issue_token
 from tests.nodes import TEST_SECRET, RunningNode, running_node
+from tests.redis_server import redis_server
 from tests.test_fastlane import HINT, Http, newest_part, wait_for_demo
 
 ADMIN = issue_token(TEST_SECRET, "HS256", Scope.ADMIN, None, 86400, "ops")
@@ -163,3 +164,31 @@ def _zombie(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_workers_of_a_reading_node_serve_the_streams_it_replicates(tmp_path):
+    """Node B ingests nothing: it replicates node A's demo through Redis, and its worker follows
+    B's replica (B's event log logs what it replicates)."""
+    with redis_server(tmp_path / "redis") as redis, \
+            running_node(tmp_path, "--demo", REDIS_URL=redis.url) as ingesting, \
+            running_node(tmp_path, REDIS_URL=redis.url, HTTP_WORKERS="2",
+                         MAX_CONNECTIONS_PER_ADDRESS="0") as reading:
+        wait_for_demo(ingesting.url)
+        wait_for_demo(reading.url)
+        until(lambda: worker_answers(reading.url), 20, "no worker answers")
+        answered: dict[str, tuple[int, int]] = {}
+        deadline = time.monotonic() + 20
+        while len(answered) < 2 and time.monotonic() < deadline:
+            http = Http(reading.url)
+            try:
+                status, headers, body = http.get("/hls/demo/180p/index.m3u8")
+                if status == 200 and headers["server"] == "livedge":
+                    answered[headers["x-request-id"][:8]] = newest_part(body)
+                    part = http.get(f"/hls/demo/180p/part{newest_part(body)[0]}."
+                                    f"{newest_part(body)[1]}.m4s")
+                    assert part[0] == 200 and b"moof" in part[2][:64]
+            finally:
+                http.close()
+    assert len(answered) == 2, answered  # the node and its worker
+    (first, second) = answered.values()
+    assert abs(first[0] - second[0]) <= 1
