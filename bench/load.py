@@ -98,6 +98,27 @@ def child_pids(parent: int) -> list[int]:
     return children
 
 
+def worker_answers(url: str, tries: int = 16) -> bool:
+    """Whether an HTTP worker (edge/workers.py) of the node at ``url`` has bound its port yet: it
+    marks what it proxies to its main process with Via."""
+    for _ in range(tries):
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as answer:
+                if answer.headers.get("Via") == "1.1 livedge-worker":
+                    return True
+        except OSError:
+            continue  # a worker binding (or restarting) can refuse a connection for a moment
+    return False
+
+
+def wait_for_workers(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not worker_answers(url):
+        if time.monotonic() > deadline:
+            raise RuntimeError("no HTTP worker answers")
+        time.sleep(0.2)
+
+
 def cpu_share(before: ProcSample, after: ProcSample) -> float:
     """CPU seconds per wall second between two samples (1.0 = one core busy)."""
     return (after.cpu - before.cpu) / max(1e-9, after.at - before.at)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import av
 
+from bench.load import wait_for_workers
 from edge.redis_tier import RedisConfig, RedisTier, connect
 from ingest.media import VIDEO_TIMESCALE, TrackInfo, TrackKind
 from origin.live import TrackDeclared
@@ -242,6 +243,8 @@ def main() -> int:
                 processes.append(node)
                 base = f"http://127.0.0.1:{port}/hls/{STREAM}/{RENDITION}"
                 wait_http(f"http://127.0.0.1:{port}/healthz")
+                if workers > 1:
+                    wait_for_workers(f"http://127.0.0.1:{port}")
                 wait_http(f"{base}/index.m3u8")
                 for _ in range(8 * workers):  # fill the memory tier of every process
                     for name in ("part0.0.m4s", "seg0.m4s"):

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.load import (cpu_share, http_get, others_cpu, raise_fd_limit, running_node,
+                        wait_for_workers,
                         wait_for_quiet, wait_for_stream)
 from bench.loadclient import listed_parts, preload_hint
 
@@ -418,6 +419,8 @@ def main() -> None:
                               SEGMENT_DURATION="2", PART_DURATION=f"{args.part:.3f}",
                               HTTP_READ_TIMEOUT="300", HTTP_WORKERS=str(args.workers)) as node:
                 wait_for_stream(node.url, STREAM)
+                if args.workers > 1:
+                    wait_for_workers(node.url)
                 offset = calibrate(node.port, path)
                 print(f"node pid {node.pid}; production estimate offset {offset * 1000:.1f} ms "
                       f"(one waiter, idle node)", file=sys.stderr)

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from bench.load import child_pids
+from bench.load import child_pids, worker_answers
 from edge.tokens import Scope, issue_token
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 from tests.redis_server import redis_server
@@ -29,15 +29,6 @@ def node(tmp_path_factory) -> RunningNode:
         wait_for_demo(running.url)
         until(lambda: worker_answers(running.url), 20, "no worker answers")
         yield running
-
-
-def worker_answers(url: str) -> bool:
-    """Whether a worker has bound the port (it takes a moment to start)."""
-    for _ in range(16):
-        with urllib.request.urlopen(url + "/healthz", timeout=5) as answer:
-            if answer.headers.get("Via") == "1.1 livedge-worker":
-                return True
-    return False
 
 
 def until(predicate, timeout: float, what: str) -> None:
