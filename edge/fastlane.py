@@ -83,14 +83,18 @@ class _Reply:
 class _Request:
     """One request head, as httptools parses it (the callbacks are its protocol)."""
 
-    __slots__ = ("url", "plain", "request_id", "user_agent", "_header")
+    __slots__ = ("url", "plain", "request_id", "user_agent", "parser", "method", "keep_alive",
+                 "version")
 
     def __init__(self) -> None:
+        self.parser: Any = None
+        self.method = b""
+        self.keep_alive = False
+        self.version = "1.1"
         self.url = b""
         self.plain = True  # no header that needs aiohttp
         self.request_id: str | None = None
         self.user_agent = ""
-        self._header = b""
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -103,6 +107,12 @@ class _Request:
             self.request_id = value.decode("latin-1")
         elif name == b"user-agent":
             self.user_agent = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        # httptools answers these only while the message is being parsed, not after.
+        self.method = self.parser.get_method()
+        self.keep_alive = self.parser.should_keep_alive()
+        self.version = self.parser.get_http_version()
 
 
 @dataclass(eq=False, slots=True)
@@ -538,12 +548,12 @@ class FastConnection(asyncio.Protocol):
                     self.hand_over()
                 break
             request = _Request()
-            parser = httptools.HttpRequestParser(request)
+            parser = request.parser = httptools.HttpRequestParser(request)
             head = bytes(buffer[:end + 4])
             try:
                 parser.feed_data(head)
-                plain_get = parser.get_method() == b"GET" and request.plain
-                reply = _reply(parser.should_keep_alive(), parser.get_http_version(), head)
+                plain_get = request.method == b"GET" and request.plain
+                reply = _reply(request.keep_alive, request.version, head)
             except httptools.HttpParserError:
                 plain_get = False
             if not plain_get or not self.lane.serve(self, request, reply):

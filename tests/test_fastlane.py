@@ -208,6 +208,18 @@ def test_http_1_0_without_keep_alive_is_answered_then_closed(node):
         http.close()
 
 
+def test_connection_close_is_answered_then_closed(node):
+    for path in ("/hls/demo/index.m3u8", "/hls/demo/180p/index.m3u8", "/hls/demo/180p/init.mp4"):
+        http = Http(node.url)
+        try:
+            http.send(path, headers="Connection: close\r\n")
+            status, headers, _ = http.answer()
+            assert status == 200 and headers["connection"] == "close", path
+            assert http.closed_by_peer(5), path
+        finally:
+            http.close()
+
+
 def test_a_closed_waiter_is_forgotten(node):
     http = Http(node.url)
     msn, part = next_part(http)
