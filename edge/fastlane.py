@@ -263,27 +263,29 @@ class FastLane:
                              reply, skip=reload.skip, query=carried)
             if reload.msn is not None:
                 parked.msn, parked.part = reload.msn, reload.part
-                state = parked.readiness()
-                if state is Readiness.WAIT:
-                    self._park(parked)
-                    return None
-                if state is not Readiness.READY:
-                    return False
+                ready = self._ready_or_park(parked)
+                if not ready:
+                    return ready
             self._finish_playlist(parked, {})
             return True
         name = object_name(steps[2])
         parked = _Parked(connection, stream, rendition, self._loop.time() + timeout, rid,
                          reply, name=name)
         if name.endswith(".m4s"):
-            state = parked.readiness()
-            if state is Readiness.WAIT:
-                self._park(parked)
-                return None
-            if state is not Readiness.READY:
-                return False
+            ready = self._ready_or_park(parked)
+            if not ready:
+                return ready
         elif not is_init_name(name):
             return False
         return self._finish_object(parked)
+
+    def _ready_or_park(self, parked: _Parked) -> bool | None:
+        """True: answer it now; None: parked until it is; False: aiohttp says why not (400, 404)."""
+        state = parked.readiness()
+        if state is Readiness.WAIT:
+            self._park(parked)
+            return None
+        return state is Readiness.READY
 
     # -- answers ----------------------------------------------------------------------------------
     def _head(self, status: int, content_type: str, cache_control: str, length: int,

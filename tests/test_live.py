@@ -187,21 +187,31 @@ def decoded_size(init: bytes, segment: bytes) -> tuple[int, int]:
     return frame.width, frame.height
 
 
+def feed_a_format_change(stream: LiveStream, after_seconds: float,
+                         fed: int | None = None) -> list:
+    """2.1 s of 160x90 video, a discontinuity, then rendition 90p re-declared at 320x180 and the
+    first ``fed`` (default all) of ``after_seconds`` of its samples; returns the samples of
+    320x180 video."""
+    small, small_samples = encode_video(2.1)
+    large, large_samples = encode_video(after_seconds, size=(320, 180))
+    stream.add_track(small)
+    for sample in small_samples:
+        stream.add_sample("90p", sample)
+    stream.discontinuity()
+    stream.add_track(large)  # the same rendition, re-declared at another size
+    for sample in large_samples[:fed]:
+        stream.add_sample("90p", sample)
+    return large_samples
+
+
 def test_a_format_change_gets_its_own_init_uri_and_the_old_one_stays_while_listed():
     from origin.live import TrackDeclared
     store = MemoryCache(max_bytes=32 * 2**20)
     stream = LiveStream("cam", SETTINGS, store, clock=lambda: 1e9)
     told: list = []
     stream.listeners.append(lambda _, event: told.append(event))
-    small, small_samples = encode_video(2.1)
-    large, large_samples = encode_video(6.1, size=(320, 180))
-    stream.add_track(small)
-    for sample in small_samples:
-        stream.add_sample("90p", sample)
-    stream.discontinuity()
-    stream.add_track(large)  # the same rendition, re-declared at another size
-    for sample in large_samples[:70]:  # 2.3 s: two segments of the new size
-        stream.add_sample("90p", sample)
+    # 2.3 s of the new size: two segments.
+    large_samples = feed_a_format_change(stream, 6.1, fed=70)
     assert [(e.track.height, e.init_generation) for e in told
             if isinstance(e, TrackDeclared)] == [(90, 0), (180, 1)]
     playlist = stream.media_playlist("90p")
@@ -238,15 +248,7 @@ def test_a_resumed_stream_numbers_its_init_after_the_log_it_continues(new_size, 
     old = LiveStream("cam", SETTINGS, old_store, clock=lambda: 1e9)
     history: list = []
     old.listeners.append(lambda _, event: history.append(event))
-    small, small_samples = encode_video(2.1)
-    large, large_samples = encode_video(1.6, size=(320, 180))
-    old.add_track(small)
-    for sample in small_samples:
-        old.add_sample("90p", sample)
-    old.discontinuity()
-    old.add_track(large)
-    for sample in large_samples:
-        old.add_sample("90p", sample)
+    feed_a_format_change(old, 1.6)
 
     async def fetch_missing(rendition, name):
         return old_store.get_now(object_key("cam", rendition, name))
