@@ -379,9 +379,9 @@ def run_step(node: NodeProcess, playlists: list[str], viewers: int, seconds: flo
     try:
         time.sleep(ramp + 3)
         loaded_start = node.sample()
-        others_before = others_cpu({node.pid, os.getpid(), client.pid})
+        others_before = others_cpu({*node.pids(), os.getpid(), client.pid})
         time.sleep(seconds * 0.9)
-        others_after = others_cpu({node.pid, os.getpid(), client.pid})
+        others_after = others_cpu({*node.pids(), os.getpid(), client.pid})
         loaded_end = node.sample()
         out, _ = client.communicate(timeout=ramp + seconds + 60)
     finally:
@@ -430,6 +430,7 @@ def main() -> None:
     parser.add_argument("--ladder", default=LOAD_LADDER)
     parser.add_argument("--preset", default="ultrafast")
     parser.add_argument("--keep-going", action="store_true", help="run every step even past a fail")
+    parser.add_argument("--workers", type=int, default=1, help="HTTP_WORKERS of the node")
     args = parser.parse_args()
     steps = [int(n) for n in args.steps.split(",")]
     raise_fd_limit(max(steps) * 8 + 1000)
@@ -438,7 +439,10 @@ def main() -> None:
         work = Path(scratch)
         source = make_source_file(work / "second.mp4", 300)
         with running_node(work, "--demo", LADDER=args.ladder, X264_PRESET=args.preset,
-                          PULL_STREAMS=f"second=file:{source}") as node:
+                          PULL_STREAMS=f"second=file:{source}",
+                          HTTP_WORKERS=str(args.workers)) as node:
+            if args.workers > 1:
+                wait_for_workers(node.url)
             playlists = []
             for stream in ("demo", "second"):
                 renditions = wait_for_stream(node.url, stream)

@@ -105,7 +105,11 @@
   });
 
   function goLive() {
-    if (hls && Number.isFinite(hls.liveSyncPosition)) video.currentTime = hls.liveSyncPosition;
+    if (!hls || !Number.isFinite(hls.liveSyncPosition)) return;
+    // Where the playhead is now, before any timeupdate says so: a viewer seeking back right after
+    // this jump is seen going back from here, not from where the player was before it.
+    lastPosition = hls.liveSyncPosition;
+    video.currentTime = hls.liveSyncPosition;
   }
 
   $("live").addEventListener("click", () => {
