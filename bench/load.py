@@ -317,27 +317,11 @@ def make_source_file(path: Path, seconds: float, size: tuple[int, int] = (640, 3
     """A ``seconds`` long H.264/AAC MP4 of lavfi testsrc2 + a 440 Hz tone (kept if it exists)."""
     if path.exists():
         return path
-    import av
+    from tests.media_files import encode_lavfi
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.mp4")
-    graph = (f"testsrc2=size={size[0]}x{size[1]}:rate={rate}[out0];"
-             "sine=frequency=440:sample_rate=48000[out1]")
-    with av.open(graph, format="lavfi") as source, av.open(str(partial), "w") as target:
-        video = target.add_stream("libx264", rate=rate,
-                                  options={"preset": "ultrafast", "crf": "28", "g": str(2 * rate)})
-        video.width, video.height, video.pix_fmt = size[0], size[1], "yuv420p"
-        audio = target.add_stream("aac", rate=48_000)
-        finished: set[str] = set()
-        for frame in source.decode(source.streams.video[0], source.streams.audio[0]):
-            stream = video if isinstance(frame, av.VideoFrame) else audio
-            if frame.time >= seconds:
-                finished.add(stream.type)
-                if len(finished) == 2:
-                    break
-                continue
-            target.mux(stream.encode(frame))
-        target.mux(video.encode(None))
-        target.mux(audio.encode(None))
+    encode_lavfi(partial, seconds, size, rate,
+                 video_options={"preset": "ultrafast", "crf": "28", "g": str(2 * rate)})
     partial.rename(path)
     return path
 

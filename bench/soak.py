@@ -39,22 +39,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import os
 import random
 import re
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -63,8 +57,8 @@ from bench.load import (BENCH_SECRET, NodeProcess, free_port, http_get, launch_n
                         wait_for_stream)
 from bench.loadclient import FollowSettings, ViewerStats, follow
 from edge.tokens import Scope, issue_token
+from tests.redis_server import RedisServer, redis_server
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 SOAK_LADDER = "360p:640x360:700k,180p:320x180:250k"
 CHUNK = 32 * 1024  # bytes per WebSocket message
 PUBLISH_GRACE = 2.0  # seconds a publisher may be away and continue its playlists
@@ -72,56 +66,9 @@ SEGMENT = 1.0
 WINDOW_SEGMENTS = 4
 
 
-# -- our own redis-server --------------------------------------------------------------------------
-class RedisProcess:
-    """A ``redis-server`` on a free 127.0.0.1 port, without persistence; ``stop`` is SIGKILL (a
-    crash: a restarted server comes back empty)."""
-
-    def __init__(self, directory: Path, port: int | None = None) -> None:
-        self.directory = directory
-        self.port = port or free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / f"redis-{self.port}.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.directory), "--protected-mode", "no"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.directory)
-        deadline = time.monotonic() + timeout
-        while not self.ping():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-
-@contextlib.contextmanager
-def redis_process(directory: Path) -> Iterator[RedisProcess]:
-    server = RedisProcess(directory)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+# -- our own redis-server (the test suite's: a free 127.0.0.1 port, no persistence, stop = SIGKILL)
+RedisProcess = RedisServer
+redis_process = redis_server
 
 
 # -- a fleet on 127.0.0.1 --------------------------------------------------------------------------

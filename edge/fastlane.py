@@ -181,7 +181,8 @@ class FastLane:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for connection in list(self._connections):
-            connection.close()
+            if not connection.handed_over:
+                connection.close()
 
     # -- connections ------------------------------------------------------------------------------
     def opened(self, connection: FastConnection) -> Refusal | None:
@@ -481,6 +482,10 @@ class FastConnection(asyncio.Protocol):
         self._counted = False
         self._idle_deadline = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def handed_over(self) -> bool:
+        return self._handler is not None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
