@@ -52,6 +52,7 @@ PUBLISHING = web.AppKey("publishing", Publishing)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 METRICS = web.AppKey("metrics", Metrics)
 LOADER = web.AppKey("loader", Callable[[], Settings])
+RELOADED = web.AppKey("reloaded", list)  # called after each successful reload (HTTP workers)
 
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -92,6 +93,8 @@ def reload_settings(app: web.Application) -> list[str]:
     app[VERIFIER] = verifier
     logging.getLogger().setLevel(settings.log_level.upper())
     log.info("configuration reloaded: JWT keys and log level")
+    for reloaded in app[RELOADED]:
+        reloaded()
     return []
 
 
@@ -279,6 +282,7 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     app[NODE] = node
     app[PUBLISHING] = publishing
     app[LOADER] = loader or (lambda: settings)
+    app[RELOADED] = []
 
     async def reload_handler(request: web.Request) -> web.Response:
         authorize(request, Scope.ADMIN, None)

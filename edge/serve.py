@@ -14,8 +14,8 @@ import os
 import signal
 from aiohttp import web
 
-from edge.app import (CORS_HEADERS, HLS, LANE_STATS, METRICS, NODE, PUBLISHING, WORKER_SECRET,
-                      reload_settings)
+from edge.app import (CORS_HEADERS, HLS, LANE_STATS, METRICS, NODE, PUBLISHING, RELOADED,
+                      WORKER_SECRET, reload_settings)
 from edge.config import Settings
 from edge.fastlane import FastLane, LaneSettings
 from edge.limits import LIMITS
@@ -48,6 +48,7 @@ async def serve(app: web.Application, settings: Settings, drain_seconds: float,
             WorkerPlan(workers, worker_command, str(app[WORKER_SECRET])),
             f"http://127.0.0.1:{private_port}")
         await supervisor.start()
+        app[RELOADED].append(supervisor.reload)  # SIGHUP or /api/reload: the workers reload too
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

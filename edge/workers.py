@@ -192,6 +192,13 @@ class WorkerSupervisor:
                       extra={"url": f"pid {process.pid}"})
             await asyncio.sleep(RESTART_SECONDS)
 
+    def reload(self) -> None:
+        """Have every worker reload what can change live (its own SIGHUP handler)."""
+        for process in self._processes:
+            if process is not None and process.returncode is None:
+                with suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGHUP)
+
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes if p is not None and p.returncode is None]
 

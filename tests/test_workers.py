@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
 import re
 import signal
 import time
@@ -183,3 +184,49 @@ def test_workers_of_a_reading_node_serve_the_streams_it_replicates(tmp_path):
     assert len(answered) == 2, answered  # the node and its worker
     (first, second) = answered.values()
     assert abs(first[0] - second[0]) <= 1
+
+
+OLD_SECRET = "old-secret-" + "o" * 32
+NEW_SECRET = "new-secret-" + "n" * 32
+
+
+def play_status(url: str, token: str | None) -> tuple[int, bool]:
+    """(status, answered by a worker's own lane) of a media playlist request with ``token``."""
+    target = url + "/hls/demo/180p/index.m3u8" + (f"?token={token}" if token else "")
+    try:
+        with urllib.request.urlopen(target, timeout=5) as answer:
+            return answer.status, answer.headers.get("X-Request-Id", "")[:8]
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get("X-Request-Id", "")[:8]
+
+
+def test_every_process_checks_play_tokens_and_reloads_keys_with_the_node(tmp_path):
+    config = tmp_path / "livedge.toml"
+    config.write_text(f'jwt_secret = "{OLD_SECRET}"\nplayback_auth = "token"\n')
+    old = issue_token(OLD_SECRET, "HS256", Scope.PLAY, "demo", 3600, "viewer")
+    new = issue_token(NEW_SECRET, "HS256", Scope.PLAY, "demo", 3600, "viewer")
+    # JWT_SECRET from the environment would win over the file: clear it for this node.
+    with running_node(tmp_path, "--demo", "--config", str(config), JWT_SECRET="",
+                      HTTP_WORKERS="2", MAX_CONNECTIONS_PER_ADDRESS="0",
+                      AUTH_FAILURE_LIMIT="1000000") as node:
+        until(lambda: play_status(node.url, old)[0] == 200, 30, "the stream did not start")
+        until(lambda: worker_answers(node.url), 20, "no worker answers")
+
+        def processes_answering(token: str | None, status: int) -> set[str]:
+            seen = set()
+            for _ in range(40):
+                answer_status, process = play_status(node.url, token)
+                assert answer_status == status, (token, answer_status)
+                seen.add(process)
+            return seen
+
+        assert len(processes_answering(old, 200)) == 2
+        assert len(processes_answering(None, 401)) == 2
+        config.write_text(f'jwt_secret = "{NEW_SECRET}"\nplayback_auth = "token"\n')
+        node.process.send_signal(signal.SIGHUP)  # the node forwards it to its workers
+
+        def reloaded_everywhere() -> bool:
+            return all(play_status(node.url, new)[0] == 200 for _ in range(20))
+        until(reloaded_everywhere, 15, "a process kept the old key")
+        assert len(processes_answering(new, 200)) == 2
+        assert len(processes_answering(old, 401)) == 2
