@@ -267,7 +267,7 @@ class FastLane:
                 ready = self._ready_or_park(parked)
                 if not ready:
                     return ready
-            self._finish_playlist(parked, {})
+            self._finish_playlist(parked)
             return True
         name = object_name(steps[2])
         parked = _Parked(connection, stream, rendition, self._loop.time() + timeout, rid,
@@ -319,12 +319,8 @@ class FastLane:
         self._count(route, status, 1)
         connection.answered(reply.keep_alive, self._loop.time())
 
-    def _finish_playlist(self, parked: _Parked, rendered: dict[tuple, bytes]) -> None:
-        key = (parked.rendition, parked.skip, parked.query)
-        body = rendered.get(key)
-        if body is None:
-            body = rendered[key] = parked.stream.media_playlist(
-                parked.rendition, parked.skip, parked.query).encode()
+    def _finish_playlist(self, parked: _Parked) -> None:
+        body = parked.stream.media_playlist(parked.rendition, parked.skip, parked.query).encode()
         self.answer(parked.connection, _ROUTE_PLAYLIST, 200, PLAYLIST_CONTENT_TYPE,
                     PLAYLIST_CACHE_CONTROL, body, parked.request_id, parked.reply)
 
@@ -350,9 +346,7 @@ class FastLane:
         if group is None or group.stream is not parked.stream:
             group = self._groups[key] = _Group(parked.stream, parked.rendition)
         group.parked.append(parked)
-        if not group.armed:
-            group.armed = True
-            parked.stream.call_on_change(parked.rendition, lambda: self._wake_soon(group))
+        self._rearm(group)
         parked.connection.parked = parked
         counters = self.hls.counters
         counters.blocked_requests += 1
