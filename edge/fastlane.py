@@ -72,22 +72,31 @@ class LaneStats:
 
 @dataclass(frozen=True, slots=True)
 class _Reply:
-    """How to answer one request: keep the connection or not, and the head bytes to replay to
-    aiohttp if the lane gives the request up after parking it."""
+    """How to answer one request: keep the connection or not (one of three, shared)."""
 
     keep_alive: bool
     connection_header: str  # "", or a whole "Connection: ...\r\n" line
-    head: bytes
+
+
+_CLOSE = _Reply(False, "Connection: close\r\n")
+_KEEP_ALIVE_1_0 = _Reply(True, "Connection: keep-alive\r\n")
+_KEEP_ALIVE = _Reply(True, "")
 
 
 class _Request:
-    """One request head, as httptools parses it (the callbacks are its protocol)."""
+    """The request head being parsed on one connection (the callbacks are httptools' protocol).
+
+    One parser and one of these serve a connection's requests in turn: a parser per request would
+    make a reference cycle per request for the garbage collector."""
 
     __slots__ = ("url", "plain", "request_id", "user_agent", "parser", "method", "keep_alive",
                  "version")
 
     def __init__(self) -> None:
-        self.parser: Any = None
+        self.parser: Any = httptools.HttpRequestParser(self)
+        self.reset()
+
+    def reset(self) -> None:
         self.method = b""
         self.keep_alive = False
         self.version = "1.1"
@@ -125,6 +134,7 @@ class _Parked:
     deadline: float  # loop time
     request_id: bytes
     reply: _Reply
+    head: bytes  # the request's, replayed to aiohttp if the lane gives the request up
     msn: int = -1  # a blocking playlist reload (msn >= 0) ...
     part: int | None = None
     skip: bool = False
@@ -159,6 +169,7 @@ class FastLane:
         self.settings = settings
         self._make_handler = hand_over  # aiohttp's protocol factory (web.Server)
         self._count = count  # (route, status, requests): the request metric
+        self._uncounted: dict[tuple[str, int], int] = {}  # answers not yet added to it
         self._loop = asyncio.get_running_loop()
         self._groups: dict[tuple[int, str], _Group] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -175,6 +186,12 @@ class FastLane:
         if not self.settings.enabled:
             return self._make_handler()
         return FastConnection(self)
+
+    def flush_counts(self) -> None:
+        """Add the answers counted since the last flush to the request metric (before a scrape)."""
+        uncounted, self._uncounted = self._uncounted, {}
+        for (route, status), answers in uncounted.items():
+            self._count(route, status, answers)
 
     def close(self) -> None:
         """Close every connection the lane still holds (those handed over are aiohttp's)."""
@@ -210,7 +227,8 @@ class FastLane:
         return self._make_handler()
 
     # -- requests ---------------------------------------------------------------------------------
-    def serve(self, connection: FastConnection, request: _Request, reply: _Reply) -> bool:
+    def serve(self, connection: FastConnection, request: _Request, reply: _Reply,
+              head: bytes) -> bool:
         """Answer or park one GET; False when aiohttp must take the connection, from this request
         on."""
         path, _, raw_query = request.url.partition(b"?")
@@ -233,14 +251,14 @@ class FastLane:
         if limits.enter(address) is not None:
             return False
         try:
-            answered = self._route(connection, request, reply, steps, query, token)
+            answered = self._route(connection, request, reply, head, steps, query, token)
         except LivedgeError:
             answered = False
         if answered is not None:  # parked requests leave when they are answered
             limits.leave(address)
         return answered is not False
 
-    def _route(self, connection: FastConnection, request: _Request, reply: _Reply,
+    def _route(self, connection: FastConnection, request: _Request, reply: _Reply, head: bytes,
                steps: list[str], query: dict[str, str], token: str | None) -> bool | None:
         """True: answered; None: parked; False: hand over. LivedgeError: hand over (aiohttp says
         why, and counts a failed authentication)."""
@@ -260,33 +278,29 @@ class FastLane:
         if steps[2] == "index.m3u8":
             self.hls.saw_playlist_request(stream.name, f"{connection.remote}|{request.user_agent}")
             reload = ReloadQuery.parse(query)
-            parked = _Parked(connection, stream, rendition, self._loop.time() + timeout, rid,
-                             reply, skip=reload.skip, query=carried)
             if reload.msn is not None:
-                parked.msn, parked.part = reload.msn, reload.part
-                ready = self._ready_or_park(parked)
-                if not ready:
-                    return ready
-            self._finish_playlist(parked)
+                state = stream.readiness(rendition, reload.msn, reload.part)
+                if state is Readiness.WAIT:
+                    self._park(_Parked(connection, stream, rendition, self._loop.time() + timeout,
+                                       rid, reply, head, msn=reload.msn, part=reload.part,
+                                       skip=reload.skip, query=carried))
+                    return None
+                if state is not Readiness.READY:
+                    return False  # aiohttp says why (400)
+            self._send_playlist(connection, stream, rendition, reload.skip, carried, rid, reply)
             return True
         name = object_name(steps[2])
-        parked = _Parked(connection, stream, rendition, self._loop.time() + timeout, rid,
-                         reply, name=name)
         if name.endswith(".m4s"):
-            ready = self._ready_or_park(parked)
-            if not ready:
-                return ready
+            state = stream.object_state(rendition, name)
+            if state is Readiness.WAIT:
+                self._park(_Parked(connection, stream, rendition, self._loop.time() + timeout,
+                                   rid, reply, head, name=name))
+                return None
+            if state is not Readiness.READY:
+                return False  # aiohttp says why (404)
         elif not is_init_name(name):
             return False
-        return self._finish_object(parked)
-
-    def _ready_or_park(self, parked: _Parked) -> bool | None:
-        """True: answer it now; None: parked until it is; False: aiohttp says why not (400, 404)."""
-        state = parked.readiness()
-        if state is Readiness.WAIT:
-            self._park(parked)
-            return None
-        return state is Readiness.READY
+        return self._send_object(connection, stream, rendition, name, rid, reply)
 
     # -- answers ----------------------------------------------------------------------------------
     def _head(self, status: int, content_type: str, cache_control: str, length: int,
@@ -316,21 +330,24 @@ class FastLane:
         else:
             connection.write_both(b"".join((before, rid, after)), body)
         self.stats.answered += 1
-        self._count(route, status, 1)
+        key = (route, status)
+        self._uncounted[key] = self._uncounted.get(key, 0) + 1
         connection.answered(reply.keep_alive, self._loop.time())
 
-    def _finish_playlist(self, parked: _Parked) -> None:
-        body = parked.stream.media_playlist(parked.rendition, parked.skip, parked.query).encode()
-        self.answer(parked.connection, _ROUTE_PLAYLIST, 200, PLAYLIST_CONTENT_TYPE,
-                    PLAYLIST_CACHE_CONTROL, body, parked.request_id, parked.reply)
+    def _send_playlist(self, connection: FastConnection, stream: LiveStream, rendition: str,
+                       skip: bool, carried: str, rid: bytes, reply: _Reply) -> None:
+        body = stream.media_playlist(rendition, skip, carried).encode()
+        self.answer(connection, _ROUTE_PLAYLIST, 200, PLAYLIST_CONTENT_TYPE,
+                    PLAYLIST_CACHE_CONTROL, body, rid, reply)
 
-    def _finish_object(self, parked: _Parked) -> bool:
-        data = parked.stream.object(parked.rendition, parked.name)
+    def _send_object(self, connection: FastConnection, stream: LiveStream, rendition: str,
+                     name: str, rid: bytes, reply: _Reply) -> bool:
+        data = stream.object(rendition, name)
         if data is None:
             return False  # not in memory: aiohttp reads through the lower tiers, or says 404
-        kind = parked.stream.tracks[parked.rendition].kind.value
-        self.answer(parked.connection, _ROUTE_OBJECT, 200, f"{kind}/mp4",
-                    self.hls.object_cache_control, data, parked.request_id, parked.reply)
+        content_type = _CONTENT_TYPES[stream.tracks[rendition].kind.value]
+        self.answer(connection, _ROUTE_OBJECT, 200, content_type, self.hls.object_cache_control,
+                    data, rid, reply)
         return True
 
     def _fail(self, parked: _Parked, status: int, message: str) -> None:
@@ -403,9 +420,11 @@ class FastLane:
                 connection.write(wire[0] + parked.request_id + wire[1])
                 playlists += 1
                 connection.answered(reply.keep_alive, now)
-            elif not (state is Readiness.READY and self._finish_object(parked)):
+            elif not (state is Readiness.READY and self._send_object(
+                    connection, parked.stream, parked.rendition, parked.name, parked.request_id,
+                    parked.reply)):
                 # 400 or 404, or a read through the lower tiers: aiohttp answers it.
-                connection.hand_over(replay=parked.reply.head)
+                connection.hand_over(replay=parked.head)
         group.parked = waiting
         self.hls.counters.blocked_requests -= unparked
         self.stats.parked -= unparked
@@ -413,7 +432,8 @@ class FastLane:
             self.limits.leave(address, count)
         if playlists:
             self.stats.answered += playlists
-            self._count(_ROUTE_PLAYLIST, 200, playlists)
+            key = (_ROUTE_PLAYLIST, 200)
+            self._uncounted[key] = self._uncounted.get(key, 0) + playlists
         self._rearm(group)
 
     def _rearm(self, group: _Group) -> None:
@@ -451,12 +471,13 @@ class FastLane:
 
 
 _REASONS = {200: "OK", 429: "Too Many Requests", 503: "Service Unavailable"}
+_CONTENT_TYPES = {"video": "video/mp4", "audio": "audio/mp4"}
 
 
-def _reply(keep_alive: bool, version: str, head: bytes) -> _Reply:
+def _reply(keep_alive: bool, version: str) -> _Reply:
     if not keep_alive:
-        return _Reply(False, "Connection: close\r\n", head)
-    return _Reply(True, "Connection: keep-alive\r\n" if version == "1.0" else "", head)
+        return _CLOSE
+    return _KEEP_ALIVE_1_0 if version == "1.0" else _KEEP_ALIVE
 
 
 class FastConnection(asyncio.Protocol):
@@ -469,6 +490,7 @@ class FastConnection(asyncio.Protocol):
         self.remote = ""
         self.parked: _Parked | None = None
         self._buffer = bytearray()
+        self._request = _Request()
         self._handler: Any = None  # aiohttp's protocol once handed over
         self._closing = False
         self._write_paused = False
@@ -548,16 +570,16 @@ class FastConnection(asyncio.Protocol):
                 if len(buffer) > MAX_HEAD_BYTES:
                     self.hand_over()
                 break
-            request = _Request()
-            parser = request.parser = httptools.HttpRequestParser(request)
+            request = self._request
+            request.reset()
             head = bytes(buffer[:end + 4])
             try:
-                parser.feed_data(head)
+                request.parser.feed_data(head)
                 plain_get = request.method == b"GET" and request.plain
-                reply = _reply(request.keep_alive, request.version, head)
+                reply = _reply(request.keep_alive, request.version)
             except httptools.HttpParserError:
                 plain_get = False
-            if not plain_get or not self.lane.serve(self, request, reply):
+            if not plain_get or not self.lane.serve(self, request, reply, head):
                 self.hand_over()
                 break
             del buffer[:end + 4]

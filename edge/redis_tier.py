@@ -466,6 +466,9 @@ class RedisTier:
         return StreamHistory(settings, part_target, started_at, node, tuple(events), tuple(ids),
                              last_id)
 
+    def stop_following(self, name: str) -> None:
+        """Nothing to release: each XREAD BLOCK is a request of its own."""
+
     async def read_events(self, name: str, after: str, block: float,
                           count: int = 1000) -> tuple[str, list[WindowEvent]]:
         """Events of stream ``name`` after entry id ``after``, waiting up to ``block`` seconds for

@@ -58,6 +58,9 @@ class StreamSource(Protocol):
 
     async def stream_exists(self, name: str) -> bool: ...
 
+    def stop_following(self, name: str) -> None:
+        """The replica of ``name`` reads no more events: release what its reads held open."""
+
 
 # -- which events a window can take (pure) ---------------------------------------------------------
 class Verdict(enum.Enum):
@@ -325,6 +328,8 @@ class ReplicaStream(StreamWindow):
             raise
         except Exception:
             log.exception("replica failed", extra={"stream": self.name})
+        finally:
+            self._tier.stop_following(self.name)
         self._retire()
 
     async def _load(self) -> bool:

@@ -9,6 +9,7 @@ SIGHUP: re-reads the configuration and reloads the JWT keys and the log level.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -38,6 +39,10 @@ async def serve(app: web.Application, settings: Settings, drain_seconds: float,
     shared = workers > 0 or settings.worker_of is not None  # SO_REUSEPORT: one port, N processes
     server = await loop.create_server(lane, settings.host, settings.port, reuse_address=True,
                                       reuse_port=shared or None, backlog=settings.listen_backlog)
+    # What start-up built lives as long as the process: out of the collector's sight, a full
+    # collection walks only what serving creates (bench.waiters: 100-135 ms pauses at 10,000
+    # waiters without this).
+    gc.freeze()
     supervisor: WorkerSupervisor | None = None
     private: asyncio.Server | None = None
     if workers:
@@ -85,7 +90,9 @@ def fast_lane(app: web.Application, runner: web.AppRunner, settings: Settings) -
 
     lane_settings = LaneSettings(settings.http_read_timeout, settings.max_connections_per_address,
                                  CORS_HEADERS, enabled=settings.fast_lane)
-    return FastLane(app[HLS], app[LIMITS], lane_settings, runner.server, count, app[LANE_STATS])
+    lane = FastLane(app[HLS], app[LIMITS], lane_settings, runner.server, count, app[LANE_STATS])
+    app[METRICS].before_render.append(lane.flush_counts)
+    return lane
 
 
 def _log_problems(problems: list[str]) -> None:

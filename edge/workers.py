@@ -30,7 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from edge.errors import LivedgeError, Unauthorized
-from edge.peer_api import FLEET_HEADER, FleetCredential, get_peer_json
+from edge.peer_api import FLEET_HEADER, FleetCredential, get_peer_json, open_peer_lines
 
 log = logging.getLogger("livedge.workers")
 
@@ -80,6 +80,11 @@ class MainProcessLink:
     async def get_json(self, base: str, path: str) -> dict | None:
         assert self._http is not None
         return await get_peer_json(self._http, f"{base}{path}", self._headers())
+
+    async def open_lines(self, base: str, path: str,
+                         read_timeout: float) -> aiohttp.ClientResponse | None:
+        assert self._http is not None
+        return await open_peer_lines(self._http, f"{base}{path}", self._headers(), read_timeout)
 
     async def fetch_object(self, key: str) -> bytes | None:
         assert self._http is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import re
 import time
@@ -161,3 +162,33 @@ async def test_the_origin_directs_and_shields_but_never_ingests_or_owns(tmp_path
                                    headers={FLEET_HEADER: credential}) as response:
                 assert response.status == 200
                 assert (await response.read())[4:8] == b"ftyp"
+
+
+async def test_a_followed_event_log_is_one_answer_with_a_line_per_batch_of_events(tmp_path):
+    from edge.fleet import FLEET_HEADER, FleetCredential, fleet_secret
+    from edge.membership import decode_key
+    from edge.peer_api import EVENT_LINES_TYPE, decode_events_document
+    from origin.packager import PartReady
+    key = base64.b64encode(os.urandom(32)).decode()
+    with fleet(tmp_path, 1, key=key) as nodes:
+        credential = FleetCredential(fleet_secret((decode_key(key),)), "edge-1").token()
+        headers = {FLEET_HEADER: credential}
+        async with aiohttp.ClientSession() as session:
+            await wait_for_segments(session, f"{nodes[0].url}/hls/demo/360p/index.m3u8", 1)
+            base = f"{nodes[0].url}/fleet/streams"
+            async with session.get(f"{base}/nope/events?follow=1", headers=headers) as response:
+                assert response.status == 404
+            async with session.get(f"{base}/demo/events?after=0&wait=0.5&follow=1",
+                                   headers=headers) as response:
+                assert response.status == 200
+                assert response.content_type == EVENT_LINES_TYPE
+                positions, parts = [], 0
+                deadline = time.monotonic() + 3
+                while time.monotonic() < deadline:
+                    line = await asyncio.wait_for(response.content.readline(), 2)
+                    last, events = decode_events_document(json.loads(line))
+                    positions.append(int(last))
+                    parts += sum(isinstance(event, PartReady) for event in events)
+                # The first line holds the log so far, later ones what came since.
+                assert positions == sorted(positions) and positions[-1] > positions[0]
+                assert len(positions) > 3 and parts > 3
