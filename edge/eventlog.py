@@ -1,8 +1,9 @@
 """The window events of the streams produced here, kept in memory for peers to follow.
 
 It is to peer fill what the Redis stream log is to the Redis tier: a bounded log per stream (a window
-and a little more), the latest track declarations, and a long-poll for what comes next. Events are
-kept without their media bytes; peers read objects separately.
+and a little more), the latest track declarations, and a wait for what comes next (the peer API's
+long polls and followers). Events are kept without their media bytes; peers read objects
+separately.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class _Log:
     declarations: dict[str, tuple[int, TrackDeclared]] = field(default_factory=dict)
     entries: deque[tuple[int, WindowEvent]] = field(default_factory=deque)
     next_id: int = 1
-    # Long polls waiting for the next entry: futures, resolved as the entry is logged, so a
+    # Readers waiting for the next entry: futures, resolved as the entry is logged, so a
     # follower's answer is on its way before the fast lane's wake (edge/fastlane.py) runs.
     waiters: list[asyncio.Future] = field(default_factory=list)
     ended_at: float | None = None

@@ -31,7 +31,6 @@ log = logging.getLogger("livedge.fleet")
 
 PUBLISH_INTERVAL = 0.5  # seconds between refreshes of this edge's gossiped state
 PEER_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=2)
-LONG_POLL_SECONDS = 1.0
 
 def fleet_secret(keys: tuple[bytes, ...], explicit: str | None = None) -> bytes:
     """The HMAC secret of edge-to-edge requests: ``FLEET_SECRET`` if set, else derived from the

@@ -5,8 +5,8 @@ workers multiply the cores. The main process ingests, transcodes and packages, a
 node. Each worker is a ``livedge serve`` process in the worker role, bound to the same address with
 ``SO_REUSEPORT`` (the kernel spreads new connections over the processes): its streams are replicas
 of the main process's, followed through the main process's peer API (edge/peer_api.py) on a
-private loopback port: the event log is long-polled, so a new part reaches a worker within a few
-milliseconds, and the worker answers its viewers from its own memory. Everything else a worker is
+private loopback port: the event log is followed (one open answer, a line per batch of events), so
+a new part reaches a worker within a few milliseconds, and the worker answers its viewers from its own memory. Everything else a worker is
 asked (publishing, the API, pages, metrics, health) is proxied to the main process, which is told
 the client's address so that its per-address limits still see clients, not workers.
 
@@ -60,7 +60,7 @@ class MainProcessLink:
         self._http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        # Long polls and object reads at once: more connections than aiohttp's default 100.
+        # Followed logs and object reads at once: more connections than aiohttp's default 100.
         # Bytes are proxied as they come (no decompression), so their length holds.
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=30, sock_connect=2),
