@@ -90,10 +90,16 @@ class LocalEventLog:
         if isinstance(event, StreamEnded):
             log.ended_at = self._clock()
         for waiter in log.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+            _settle(waiter)
         log.waiters.clear()
         self._expire()
+
+    def wake_all(self) -> None:
+        """Answer every waiting reader now (with what it has): the node is shutting down."""
+        for log in self._logs.values():
+            for waiter in log.waiters:
+                _settle(waiter)
+            log.waiters.clear()
 
     def history(self, name: str) -> LocalHistory | None:
         log = self._logs.get(name)

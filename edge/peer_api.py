@@ -26,6 +26,7 @@ from aiohttp import web
 from edge.errors import NotFound, Unauthorized, Unavailable
 from edge.eventlog import LocalEventLog
 from edge.names import validate_rendition_name, validate_stream_name
+from origin.live import StreamEnded
 from origin.window import LiveSettings, StreamWindow
 from origin.wire import WireError, decode_settings, encode_settings, pack_event, unpack_event
 
@@ -81,12 +82,20 @@ class PeerApi:
         self._digest = digest
         self.credentials = credentials
         self.served_to_peers = 0
+        self._closing = False
 
     def add_to(self, app: web.Application) -> None:
+        app.on_shutdown.append(self._shutdown)
         app.router.add_get("/fleet/streams", self.list_streams)
         app.router.add_get("/fleet/streams/{stream}/history", self.history)
         app.router.add_get("/fleet/streams/{stream}/events", self.events)
         app.router.add_get("/fleet/objects/{stream}/{rendition}/{name}", self.object)
+
+    async def _shutdown(self, app: web.Application) -> None:
+        """Followed logs end and long polls answer now: aiohttp's shutdown waits for requests in
+        flight, and a followed log would otherwise run until its stream ends."""
+        self._closing = True
+        self._event_log.wake_all()
 
     def verify(self, request: web.Request) -> str:
         """The caller's name; 401 unless one of the credentials verifies the request."""
@@ -141,8 +150,10 @@ class PeerApi:
         await response.prepare(request)
         try:
             while answer is not None:
-                after = answer[0]
+                after, events = answer
                 await response.write(json.dumps(_events_document(*answer)).encode() + b"\n")
+                if self._closing or any(isinstance(event, StreamEnded) for event in events):
+                    break
                 answer = await self._event_log.events_after(name, after, heartbeat)
             await response.write_eof()
         except ConnectionError:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import time
 
 import aiohttp
@@ -192,3 +193,27 @@ async def test_a_followed_event_log_is_one_answer_with_a_line_per_batch_of_event
                 # The first line holds the log so far, later ones what came since.
                 assert positions == sorted(positions) and positions[-1] > positions[0]
                 assert len(positions) > 3 and parts > 3
+
+
+async def test_a_node_shutting_down_ends_the_logs_its_peers_follow(tmp_path):
+    """aiohttp's shutdown waits for answers in flight: a followed log must end with the node."""
+    from edge.fleet import FLEET_HEADER, FleetCredential, fleet_secret
+    from edge.membership import decode_key
+    key = base64.b64encode(os.urandom(32)).decode()
+    with fleet(tmp_path, 1, key=key, DRAIN_SECONDS="1") as nodes:
+        credential = FleetCredential(fleet_secret((decode_key(key),)), "edge-1").token()
+        async with aiohttp.ClientSession() as session:
+            await wait_for_segments(session, f"{nodes[0].url}/hls/demo/360p/index.m3u8", 1)
+            async with session.get(f"{nodes[0].url}/fleet/streams/demo/events?wait=5&follow=1",
+                                   headers={FLEET_HEADER: credential}) as response:
+                assert response.status == 200
+                await response.content.readline()
+                stopping = time.monotonic()
+                nodes[0].process.send_signal(signal.SIGTERM)
+                with contextlib.suppress(aiohttp.ClientError):
+                    while await asyncio.wait_for(response.content.readline(), 15):
+                        pass
+                ended = time.monotonic() - stopping
+        assert await asyncio.to_thread(nodes[0].process.wait, 20) == 0
+        exited = time.monotonic() - stopping
+        assert ended < 8 and exited < 12, (ended, exited)
