@@ -182,9 +182,8 @@ class FastLane:
         self.stats = stats if stats is not None else LaneStats()
 
     def __call__(self) -> asyncio.Protocol:
-        """A protocol for one new connection (``loop.create_server``'s factory)."""
-        if not self.settings.enabled:
-            return self._make_handler()
+        """A protocol for one new connection (``loop.create_server``'s factory). With the lane
+        off it still counts the connection against the per-address cap, then hands it over."""
         return FastConnection(self)
 
     def flush_counts(self) -> None:
@@ -521,6 +520,9 @@ class FastConnection(asyncio.Protocol):
             transport.close()
             return
         self._counted = True
+        if not self.lane.settings.enabled:
+            self.hand_over()
+            return
         loop = self.lane._loop
         self._idle_deadline = loop.time() + self.lane.settings.read_timeout
         self._idle_timer = loop.call_at(self._idle_deadline, self._idle_check)

@@ -271,15 +271,23 @@ def test_connections_past_the_per_address_cap_get_429_and_a_close(tmp_path):
                 http.close()
 
 
-def test_with_the_lane_off_aiohttp_answers_everything(tmp_path):
-    with running_node(tmp_path, "--demo", FAST_LANE="false") as plain:
+def test_with_the_lane_off_aiohttp_answers_everything_and_the_connection_cap_holds(tmp_path):
+    with running_node(tmp_path, "--demo", FAST_LANE="false",
+                      MAX_CONNECTIONS_PER_ADDRESS="2") as plain:
         wait_for_demo(plain.url)
-        http = Http(plain.url)
+        held = [Http(plain.url) for _ in range(2)]
         try:
-            status, headers, _ = http.get("/hls/demo/index.m3u8")
+            status, headers, _ = held[0].get("/hls/demo/index.m3u8")
+            assert held[1].get("/healthz")[0] == 200
+            refused = Http(plain.url)
+            refused.send("/healthz")
+            refused_status = refused.answer()[0]
+            refused.close()
         finally:
-            http.close()
+            for http in held:
+                http.close()
     assert status == 200 and "aiohttp" in headers["server"]
+    assert refused_status == 429
 
 
 async def test_a_reload_parked_on_a_stream_that_stops_gets_503(tmp_path):
