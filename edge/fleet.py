@@ -23,7 +23,7 @@ from aiohttp import web
 from edge.eventlog import LocalEventLog
 from edge.membership import GossipMembership, GossipSettings
 from edge.peer_api import (FLEET_HEADER, HOP_HEADER, FleetCredential, PeerApi,  # noqa: F401
-                           direct_request, get_peer_json, open_peer_lines)
+                           PeerClient, direct_request)
 from edge.peers import PeerInfo, PeerTable
 from origin.window import StreamWindow
 
@@ -60,7 +60,7 @@ class FleetSettings:
     origin_role: bool = False  # this node is the origin
 
 
-class Fleet:
+class Fleet(PeerClient):
     """Membership plus the peer API and peer fill of one node (an edge or the origin)."""
 
     def __init__(self, settings: FleetSettings, streams: Callable[[str], StreamWindow | None],
@@ -198,15 +198,6 @@ class Fleet:
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 log.warning("peer fill from %s failed: %s", base, error)
         return None
-
-    async def get_json(self, base: str, path: str) -> dict | None:
-        assert self._http is not None
-        return await get_peer_json(self._http, f"{base}{path}", self._headers())
-
-    async def open_lines(self, base: str, path: str,
-                         read_timeout: float) -> aiohttp.ClientResponse | None:
-        assert self._http is not None
-        return await open_peer_lines(self._http, f"{base}{path}", self._headers(), read_timeout)
 
     def event_sources(self, stream: str) -> list[str]:
         return [url for url in (self.ingester_url(stream), self.origin_url()) if url]

@@ -183,33 +183,44 @@ class PeerApi:
         return web.Response(body=data, content_type="application/octet-stream")
 
 
-async def get_peer_json(session: aiohttp.ClientSession, url: str,
-                        headers: dict[str, str]) -> dict | None:
-    """A peer API document; None for 404, Unavailable for any other failure status."""
-    async with session.get(url, headers=headers) as response:
+class PeerClient:
+    """The reading side of the peer API, shared by ``Fleet`` (other edges) and a worker's link to
+    its main process: requests carry ``credential``, over the session ``_http`` once started."""
+
+    credential: FleetCredential
+    _http: aiohttp.ClientSession | None
+
+    def _headers(self) -> dict[str, str]:
+        return {FLEET_HEADER: self.credential.token()}
+
+    async def get_json(self, base: str, path: str) -> dict | None:
+        """A peer API document; None for 404, Unavailable for any other failure status."""
+        assert self._http is not None
+        async with self._http.get(f"{base}{path}", headers=self._headers()) as response:
+            if response.status == 404:
+                return None
+            if response.status != 200:
+                raise Unavailable(f"peer answered {response.status}")
+            return await response.json()
+
+    async def open_lines(self, base: str, path: str,
+                         read_timeout: float) -> aiohttp.ClientResponse | None:
+        """A peer API answer to read line by line (an event log followed); None for 404,
+        Unavailable for any other failure status. The caller releases it."""
+        assert self._http is not None
+        response = await self._http.get(
+            f"{base}{path}", headers=self._headers(), timeout=aiohttp.ClientTimeout(
+                total=None, connect=5.0, sock_read=read_timeout))
+        if response.status == 200:
+            return response
+        response.release()
         if response.status == 404:
             return None
-        if response.status != 200:
-            raise Unavailable(f"peer answered {response.status}")
-        return await response.json()
+        raise Unavailable(f"peer answered {response.status}")
 
 
 def _events_document(last: int, events: list) -> dict:
     return {"last_id": last, "events": [pack_event(event).decode() for event in events]}
-
-
-async def open_peer_lines(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
-                          read_timeout: float) -> aiohttp.ClientResponse | None:
-    """A peer API answer to read line by line (an event log followed); None for 404,
-    Unavailable for any other failure status. The caller releases it."""
-    response = await session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(
-        total=None, connect=5.0, sock_read=read_timeout))
-    if response.status == 200:
-        return response
-    response.release()
-    if response.status == 404:
-        return None
-    raise Unavailable(f"peer answered {response.status}")
 
 
 def decode_history_document(document: dict) -> tuple[LiveSettings, float, float, str, list, str]:

@@ -30,7 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from edge.errors import LivedgeError, Unauthorized
-from edge.peer_api import FLEET_HEADER, FleetCredential, get_peer_json, open_peer_lines
+from edge.peer_api import FLEET_HEADER, FleetCredential, PeerClient
 
 log = logging.getLogger("livedge.workers")
 
@@ -51,7 +51,7 @@ def new_worker_secret() -> str:
 
 
 # -- the worker's side ---------------------------------------------------------------------------
-class MainProcessLink:
+class MainProcessLink(PeerClient):
     """A worker's link to its main process: the one source of every stream (``PeerLinks``)."""
 
     def __init__(self, main_url: str, secret: str) -> None:
@@ -71,20 +71,8 @@ class MainProcessLink:
             await self._http.close()
             self._http = None
 
-    def _headers(self) -> dict[str, str]:
-        return {FLEET_HEADER: self.credential.token()}
-
     def event_sources(self, stream: str) -> list[str]:
         return [self.main_url]
-
-    async def get_json(self, base: str, path: str) -> dict | None:
-        assert self._http is not None
-        return await get_peer_json(self._http, f"{base}{path}", self._headers())
-
-    async def open_lines(self, base: str, path: str,
-                         read_timeout: float) -> aiohttp.ClientResponse | None:
-        assert self._http is not None
-        return await open_peer_lines(self._http, f"{base}{path}", self._headers(), read_timeout)
 
     async def fetch_object(self, key: str) -> bytes | None:
         assert self._http is not None
