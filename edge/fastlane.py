@@ -186,6 +186,10 @@ class FastLane:
         off it still counts the connection against the per-address cap, then hands it over."""
         return FastConnection(self)
 
+    def _tally(self, route: str, status: int, answers: int) -> None:
+        key = (route, status)
+        self._uncounted[key] = self._uncounted.get(key, 0) + answers
+
     def flush_counts(self) -> None:
         """Add the answers counted since the last flush to the request metric (before a scrape)."""
         uncounted, self._uncounted = self._uncounted, {}
@@ -329,8 +333,7 @@ class FastLane:
         else:
             connection.write_both(b"".join((before, rid, after)), body)
         self.stats.answered += 1
-        key = (route, status)
-        self._uncounted[key] = self._uncounted.get(key, 0) + 1
+        self._tally(route, status, 1)
         connection.answered(reply.keep_alive, self._loop.time())
 
     def _send_playlist(self, connection: FastConnection, stream: LiveStream, rendition: str,
@@ -431,8 +434,7 @@ class FastLane:
             self.limits.leave(address, count)
         if playlists:
             self.stats.answered += playlists
-            key = (_ROUTE_PLAYLIST, 200)
-            self._uncounted[key] = self._uncounted.get(key, 0) + playlists
+            self._tally(_ROUTE_PLAYLIST, 200, playlists)
         self._rearm(group)
 
     def _rearm(self, group: _Group) -> None:
