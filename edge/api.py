@@ -56,7 +56,8 @@ class ApiRoutes:
         return web.json_response({"ready": ready, **details}, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=await self._metrics.render_node(),
+                            headers={"Content-Type": CONTENT_TYPE})
 
     async def list_streams(self, request: web.Request) -> web.Response:
         self._authorize(request, Scope.ADMIN, None)

@@ -302,7 +302,7 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     is_origin = settings.role == "origin"  # a shield and directory: nothing is published here
     ingests = not is_origin and link is None
     if link is not None:
-        link.add_to(app)
+        link.add_to(app, metrics.render)
     else:
         app.router.add_post("/api/reload", reload_handler)
         ApiRoutes(node, metrics, authorize,

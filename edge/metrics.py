@@ -2,16 +2,19 @@
 
 Servers never import this module: the collector asks the node for ``stats()`` snapshots when
 Prometheus scrapes. The only live instruments are the HTTP request counter (fed by middleware) and
-the event-loop lag probe.
+the event-loop lag probe. A node with HTTP workers (edge/workers.py) answers one scrape for all its
+processes: each sample labelled with the ``process`` it came from.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Iterable, Protocol
+from typing import Awaitable, Callable, Iterable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from edge.cache import CacheStats
@@ -238,11 +241,22 @@ class Metrics:
         # Called before each render: counts kept elsewhere (the fast lane's, summed per answer
         # shape rather than taking the counter's lock for every answer) are added in.
         self.before_render: list[Callable[[], None]] = []
+        # A main process with HTTP workers: each worker's own exposition, None where it did not
+        # answer (edge/workers.py, ``WorkerSupervisor.scrape``).
+        self.other_processes: Callable[[], Awaitable[dict[str, bytes | None]]] | None = None
 
     def render(self) -> bytes:
+        """This process's exposition."""
         for flush in self.before_render:
             flush()
         return generate_latest(self.registry)
+
+    async def render_node(self) -> bytes:
+        """The node's exposition: this process's, merged with its workers' when it has some."""
+        if self.other_processes is None:
+            return self.render()
+        own = self.render()
+        return merge_processes({"main": own, **await self.other_processes()})
 
     async def probe_loop_lag(self, interval: float = 0.25,
                              clock: Callable[[], float] | None = None) -> None:
@@ -255,3 +269,35 @@ class Metrics:
             lag = max(0.0, now() - started - interval)
             self.loop_lag.set(lag)
             self.loop_lag_histogram.observe(lag)
+
+
+class _Families:
+    """What ``generate_latest`` renders: families already collected."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def merge_processes(expositions: dict[str, bytes | None]) -> bytes:
+    """One exposition for the processes of a node: every sample gains a ``process`` label (so
+    each process's counters reset on their own when it restarts, and ``sum()`` adds them up), and
+    ``livedge_process_up`` says which processes answered (None: it did not)."""
+    families: dict[tuple[str, str], Metric] = {}
+    up = GaugeMetricFamily("livedge_process_up", "1 when this process of the node answered the "
+                           "scrape (HTTP workers)", labels=["process"])
+    for process, text in expositions.items():
+        up.add_metric([process], 0 if text is None else 1)
+        if text is None:
+            continue
+        for family in text_string_to_metric_families(text.decode()):
+            # A gauge and a counter may share a name (livedge_blocked_requests): keep both.
+            merged = families.get((family.name, family.type))
+            if merged is None:
+                merged = families[(family.name, family.type)] = Metric(
+                    family.name, family.documentation, family.type, family.unit)
+            merged.samples.extend(sample._replace(labels={**sample.labels, "process": process})
+                                  for sample in family.samples)
+    return generate_latest(_Families([*families.values(), up]))  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from edge.app import (CORS_HEADERS, HLS, LANE_STATS, METRICS, NODE, PUBLISHING, 
 from edge.config import Settings
 from edge.fastlane import FastLane, LaneSettings
 from edge.limits import LIMITS
-from edge.workers import WorkerPlan, WorkerSupervisor
+from edge.workers import WorkerPlan, WorkerSupervisor, private_listener
 
 log = logging.getLogger("livedge.serve")
 
@@ -45,6 +45,9 @@ async def serve(app: web.Application, settings: Settings, drain_seconds: float,
     gc.freeze()
     supervisor: WorkerSupervisor | None = None
     private: asyncio.Server | None = None
+    listener = private_listener() if settings.worker_of is not None else None
+    if listener is not None:  # a worker: where its main process reads its metrics
+        private = await loop.create_server(runner.server, sock=listener)
     if workers:
         # The workers' way in: the peer API and the requests they proxy, on loopback only.
         private = await loop.create_server(runner.server, "127.0.0.1", 0)
@@ -53,6 +56,7 @@ async def serve(app: web.Application, settings: Settings, drain_seconds: float,
             WorkerPlan(workers, worker_command, str(app[WORKER_SECRET])),
             f"http://127.0.0.1:{private_port}")
         await supervisor.start()
+        app[METRICS].other_processes = supervisor.scrape
         app[RELOADED].append(supervisor.reload)  # SIGHUP or /api/reload: the workers reload too
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

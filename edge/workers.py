@@ -11,7 +11,8 @@ asked (publishing, the API, pages, metrics, health) is proxied to the main proce
 the client's address so that its per-address limits still see clients, not workers.
 
 The main process starts the workers, restarts one that dies (after a second), and stops them at
-shutdown.
+shutdown. It binds a loopback listener for each worker and hands it over (``WORKER_PRIVATE_FD``):
+there it reads the worker's own metrics when it is scraped, one exposition for the node.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Callable
 
 import aiohttp
 from aiohttp import web
 
 from edge.errors import LivedgeError, Unauthorized
+from edge.metrics import CONTENT_TYPE
 from edge.peer_api import FLEET_HEADER, FleetCredential, PeerClient
 
 log = logging.getLogger("livedge.workers")
@@ -39,6 +43,9 @@ VIA = "1.1 livedge-worker"  # on what a worker proxied (RFC 9110 7.6.3)
 RESTART_SECONDS = 1.0
 STOP_SECONDS = 10.0
 PROXY_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+SCRAPE_TIMEOUT = aiohttp.ClientTimeout(total=2)  # a worker slower than this counts as down
+PRIVATE_FD_ENV = "WORKER_PRIVATE_FD"  # the loopback listener the main process bound for a worker
+METRICS_PATH = "/fleet/metrics"  # a worker's own exposition, for its main process only
 # Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded; Host names the worker's own address.
 _NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                             "transfer-encoding", "upgrade", "host", "content-length", "server",
@@ -113,9 +120,23 @@ class MainProcessLink(PeerClient):
             return web.json_response({"message": "the node's main process is not answering"},
                                      status=502)
 
-    def add_to(self, app: web.Application) -> None:
-        """Last: every route the worker has not registered goes to the main process."""
+    def add_to(self, app: web.Application, render_metrics: Callable[[], bytes]) -> None:
+        """The worker's metrics for its main process; then, last, every route the worker has not
+        registered goes to the main process."""
+
+        async def metrics(request: web.Request) -> web.Response:
+            self.credential.verify(request)
+            return web.Response(body=render_metrics(),
+                                headers={"Content-Type": CONTENT_TYPE})
+
+        app.router.add_get(METRICS_PATH, metrics)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
+
+
+def private_listener() -> socket.socket | None:
+    """In a worker: the loopback listener its main process bound for it, if any."""
+    fd = os.environ.get(PRIVATE_FD_ENV)
+    return socket.socket(fileno=int(fd)) if fd else None
 
 
 def _die_with_parent() -> None:
@@ -162,18 +183,29 @@ class WorkerSupervisor:
         self._env = {**os.environ, "WORKER_OF": main_url, "WORKER_SECRET": plan.secret,
                      "HTTP_WORKERS": "1"}
         self._processes: list[asyncio.subprocess.Process | None] = [None] * plan.count
+        # One per worker, bound here so that the address stays the same across restarts.
+        self._listeners: list[socket.socket] = []
+        self._credential = FleetCredential(plan.secret.encode(), "main")
+        self._http: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self.restarts = 0
 
     async def start(self) -> None:
+        for _ in range(self._plan.count):
+            listener = socket.create_server(("127.0.0.1", 0))
+            listener.setblocking(False)
+            self._listeners.append(listener)
+        self._http = aiohttp.ClientSession(timeout=SCRAPE_TIMEOUT)
         self._tasks = [asyncio.create_task(self._keep(index), name=f"http-worker-{index}")
                        for index in range(self._plan.count)]
 
     async def _keep(self, index: int) -> None:
+        listener = self._listeners[index].fileno()
+        env = {**self._env, PRIVATE_FD_ENV: str(listener)}
         while not self._stopping:
             process = await asyncio.create_subprocess_exec(
-                *self._plan.command, env=self._env, stdin=subprocess.DEVNULL,
+                *self._plan.command, env=env, stdin=subprocess.DEVNULL, pass_fds=(listener,),
                 preexec_fn=_die_with_parent)
             self._processes[index] = process
             log.info("http worker started", extra={"url": f"pid {process.pid}"})
@@ -195,6 +227,25 @@ class WorkerSupervisor:
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes if p is not None and p.returncode is None]
 
+    async def scrape(self) -> dict[str, bytes | None]:
+        """Each worker's own exposition (``worker-1``...), None for one that did not answer."""
+        names = [f"worker-{index + 1}" for index in range(len(self._listeners))]
+        texts = await asyncio.gather(*(self._scrape_one(index) for index in range(len(names))))
+        return dict(zip(names, texts))
+
+    async def _scrape_one(self, index: int) -> bytes | None:
+        process = self._processes[index]
+        if self._http is None or process is None or process.returncode is not None:
+            return None
+        port = self._listeners[index].getsockname()[1]
+        try:
+            async with self._http.get(f"http://127.0.0.1:{port}{METRICS_PATH}",
+                                      headers={FLEET_HEADER: self._credential.token()}) as answer:
+                return await answer.read() if answer.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            log.warning("metrics of http worker %d unreadable: %s", index + 1, error)
+            return None
+
     async def stop(self) -> None:
         self._stopping = True
         running = [p for p in self._processes if p is not None and p.returncode is None]
@@ -213,3 +264,7 @@ class WorkerSupervisor:
         for task in self._tasks:
             with suppress(asyncio.CancelledError, LivedgeError):
                 await task
+        if self._http is not None:
+            await self._http.close()
+        for listener in self._listeners:
+            listener.close()

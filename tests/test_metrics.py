@@ -1,4 +1,5 @@
-"""Metrics (edge/metrics.py) read from snapshots at scrape time: the per-address limit families.
+"""Metrics (edge/metrics.py) read from snapshots at scrape time: the per-address limit families, and
+one scrape for the processes of a node with HTTP workers.
 
 The snapshots are real objects (a memory cache, HLS counters, ``AddressLimits`` with a clock the
 test moves by hand); the exposition text is parsed back with prometheus_client's own parser.
@@ -11,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge.cache import MemoryCache
 from edge.hls import HlsCounters
 from edge.limits import AddressLimits, LimitSettings
-from edge.metrics import Metrics
+from edge.metrics import Metrics, merge_processes
 
 
 class Clock:
@@ -98,3 +99,30 @@ def test_snapshots_without_limits_export_no_limit_families():
         samples = scrape(snapshots)
         assert "livedge_cache_bytes" in samples  # the rest of the scrape is unaffected
         assert not [name for name in samples if name.startswith("livedge_limit_")]
+
+
+def test_a_scrape_of_several_processes_labels_each_sample_with_its_process():
+    main, worker = Snapshots(), Snapshots()
+    main.counters.blocked_requests, worker.counters.blocked_requests = 3, 5
+    worker.counters.blocked_total = 7
+    worker_metrics = Metrics(worker)
+    worker_metrics.http_requests.labels("playlist", "200").inc(11)
+    text = merge_processes({"main": Metrics(main).render(), "worker-1": worker_metrics.render(),
+                            "worker-2": None}).decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert samples[("livedge_blocked_requests", (("process", "main"),))] == 3
+    assert samples[("livedge_blocked_requests", (("process", "worker-1"),))] == 5
+    # The gauge and the counter of the same name both survive the merge.
+    assert samples[("livedge_blocked_requests_total", (("process", "worker-1"),))] == 7
+    assert samples[("livedge_http_requests_total", (("process", "worker-1"),
+                                                    ("route", "playlist"),
+                                                    ("status", "200")))] == 11
+    assert samples[("livedge_process_up", (("process", "main"),))] == 1
+    assert samples[("livedge_process_up", (("process", "worker-1"),))] == 1
+    assert samples[("livedge_process_up", (("process", "worker-2"),))] == 0
+    assert not [key for key in samples if key[0] != "livedge_process_up"
+                and dict(key[1]).get("process") == "worker-2"]
+    assert text.count("# TYPE livedge_cache_bytes gauge") == 1  # one family, two processes

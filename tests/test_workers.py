@@ -1,23 +1,26 @@
 """HTTP workers (edge/workers.py): a node with HTTP_WORKERS=2 is two processes on one port, both
 serving its streams, the worker proxying everything else to the main process; workers are
-restarted when they die and end with their main process."""
+restarted when they die and end with their main process; one scrape of /metrics covers them all."""
 
 from __future__ import annotations
 
 import json
 import os
-import urllib.error
 import re
 import signal
+import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load import child_pids, worker_answers
 from edge.tokens import Scope, issue_token
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 from tests.redis_server import redis_server
+from tests.test_deploy import tool
 from tests.test_fastlane import HINT, Http, newest_part, wait_for_demo
 
 ADMIN = issue_token(TEST_SECRET, "HS256", Scope.ADMIN, None, 86400, "ops")
@@ -125,12 +128,75 @@ def test_a_forged_client_address_header_is_never_trusted(node):
         assert status == 401 or headers.get("via") == "1.1 livedge-worker"
 
 
+def scrape(url: str) -> tuple[str, dict[tuple[str, tuple], float]]:
+    """The node's /metrics text, and its samples keyed (name, sorted labels)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return text, samples
+
+
+def process_up(url: str, process: str) -> float:
+    return scrape(url)[1][("livedge_process_up", (("process", process),))]
+
+
+def test_one_scrape_counts_every_process_of_the_node(node, tmp_path):
+    lane_answers = ("livedge_fast_lane_answers_total", (("process", "worker-1"),))
+    before = scrape(node.url)[1].get(lane_answers, 0)
+    answered_by_worker = 0
+    for _ in range(64):  # new connections: the kernel spreads them over both processes
+        http = Http(node.url)
+        try:
+            status, headers, _ = http.get("/hls/demo/180p/index.m3u8")
+            assert status == 200
+            answered_by_worker += headers["x-request-id"][:8] != own_prefix(node.url)
+        finally:
+            http.close()
+    assert answered_by_worker  # the worker's lane answered some
+    text, samples = scrape(node.url)
+    assert samples[("livedge_process_up", (("process", "main"),))] == 1
+    assert samples[("livedge_process_up", (("process", "worker-1"),))] == 1
+    assert samples[lane_answers] >= before + answered_by_worker
+    assert samples[("livedge_streams_live", (("process", "main"),))] == 1
+    (tmp_path / "metrics.txt").write_text(text)
+    # Prometheus parses the merged text (promtool exits 1 on what it cannot parse, 3 on lint);
+    # the one lint it reports is our choice of bits for media bitrates.
+    lint = subprocess.run([tool("promtool"), "check", "metrics"], input=text,
+                          capture_output=True, text=True, timeout=60)
+    problems = [line for line in lint.stderr.splitlines()
+                if line and 'use base unit "bytes" instead of "bits"' not in line]
+    assert lint.returncode in (0, 3) and not problems, lint.stderr
+    # A worker's own exposition is for its main process only.
+    for _ in range(8):
+        try:
+            urllib.request.urlopen(node.url + "/fleet/metrics", timeout=5)
+            raise AssertionError("/fleet/metrics answered without a credential")
+        except urllib.error.HTTPError as error:
+            assert error.code in (401, 404)
+
+
+def own_prefix(url: str) -> str:
+    """The request-id prefix of the main process: what it answers itself (the API)."""
+    for _ in range(32):
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as answer:
+            if answer.headers.get("Via") is None:
+                return answer.headers["X-Request-Id"][:8]
+    raise AssertionError("the main process answered no connection")
+
+
 def test_a_dead_worker_is_restarted_and_the_node_keeps_serving(node):
     [worker] = child_pids(node.process.pid)
     os.kill(worker, signal.SIGKILL)
+    # Scrapes go on meanwhile, reporting the worker down.
+    until(lambda: process_up(node.url, "worker-1") == 0, 10, "the dead worker was scraped as up")
     until(lambda: child_pids(node.process.pid) not in ([], [worker]), 20,
           "the worker was not restarted")
     until(lambda: worker_answers(node.url), 20, "the new worker does not answer")
+    # Its listener for the main process is the same one, handed over again.
+    until(lambda: process_up(node.url, "worker-1") == 1, 10, "the new worker is not scraped")
     for _ in range(8):
         with urllib.request.urlopen(node.url + "/hls/demo/index.m3u8", timeout=5) as answer:
             assert answer.status == 200
