@@ -26,6 +26,11 @@ from origin.live import LiveStream
 
 log = logging.getLogger("livedge.publish")
 
+# Why a publication ended, as its eviction callbacks and the on_unpublish webhook are told.
+PUBLISHER_LEFT = "publisher left"
+TAKEN_OVER = "taken over by a new publisher"
+SHUTTING_DOWN = "the node is shutting down"
+
 
 class _PublicationSink:
     """The transcoder's sink for one publication: the end of a publisher is a pause of the stream
@@ -125,8 +130,8 @@ class Publishing:
             raise Conflict(f"stream {stream} is already live here (pulled)")
         await self._webhooks.on_publish(stream, subject, address, kind)
         if current is not None:  # a takeover: the old publisher goes, the playlists carry on
-            current._evict("taken over by a new publisher")
-            await self._finish(current)
+            current._evict(TAKEN_OVER)
+            await self._finish(current, TAKEN_OVER)
         grace = self._grace.pop(stream, None)
         if grace is not None:
             grace.cancel()
@@ -144,28 +149,36 @@ class Publishing:
         """The publisher is gone: flush its transcoder and start the grace period. Idempotent.
 
         A publisher of the same stream that comes meanwhile waits until this returns, then
-        continues the stream as after any grace period."""
+        continues the stream as after any grace period. Cancelling the caller (its connection
+        handler, say) does not cancel the end: a stream without its grace period would never end."""
         if publication.ended:
             return
+        await asyncio.shield(self._end(publication))
+
+    async def _end(self, publication: Publication) -> None:
         stream = publication.stream_name
         async with self._exclusive(stream):
             if publication.ended:  # taken over (or shut down) while we waited for the lock
                 return
-            await self._finish(publication)
+            await self._finish(publication, PUBLISHER_LEFT)
             if self._active.get(stream) is None and stream not in self._grace:
                 self._grace[stream] = asyncio.create_task(self._expire(stream),
                                                           name=f"grace:{stream}")
-        self._webhooks.on_unpublish(stream, publication.subject, publication.address,
-                                    publication.kind)
 
-    async def _finish(self, publication: Publication) -> None:
+    async def _finish(self, publication: Publication, reason: str) -> None:
+        """Every way a publication ends (its publisher left, a takeover, shutdown) comes here: its
+        slots are freed, its transcoder flushed, and on_unpublish told why."""
         publication.ended = True
         if self._active.get(publication.stream_name) is publication:
             del self._active[publication.stream_name]
         self._release(publication.address, publication.subject)
-        await asyncio.to_thread(publication.transcoder.close)
-        log.info("publish ended", extra={"stream": publication.stream_name,
-                                          "session": publication.session_id})
+        try:
+            await asyncio.to_thread(publication.transcoder.close)
+        finally:
+            log.info("publish ended", extra={"stream": publication.stream_name,
+                                              "session": publication.session_id})
+            self._webhooks.on_unpublish(publication.stream_name, publication.subject,
+                                        publication.address, publication.kind, reason)
 
     async def _expire(self, stream: str) -> None:
         await asyncio.sleep(self._settings.publish_grace_seconds)
@@ -206,8 +219,8 @@ class Publishing:
     async def close(self) -> None:
         """Node shutdown: end every publication now (no grace)."""
         for publication in list(self._active.values()):
-            publication._evict("the node is shutting down")
-            await self._finish(publication)
+            publication._evict(SHUTTING_DOWN)
+            await self._finish(publication, SHUTTING_DOWN)
         for task in self._grace.values():
             task.cancel()
         await asyncio.gather(*self._grace.values(), return_exceptions=True)

@@ -1,8 +1,10 @@
 """Publish webhooks, like nginx-rtmp's and SRS's callbacks.
 
 ``on_publish`` is asked before a publish starts: any answer but 2xx rejects it, and the answer's JSON
-``message`` (or text) is the reason the publisher sees. ``on_unpublish`` is told, fire-and-forget.
-Both receive JSON: ``{"action", "stream", "subject", "address", "kind"}``.
+``message`` (or text) is the reason the publisher sees. ``on_unpublish`` is told, fire-and-forget,
+whenever a publication ends: its publisher left, a new publisher took it over, or the node shut
+down. Both receive JSON: ``{"action", "stream", "subject", "address", "kind"}``; on_unpublish adds
+``reason``.
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ class Webhooks:
             raise Unavailable("the publish webhook did not answer") from None
         raise Forbidden(f"rejected by on_publish: {reason}")
 
-    def on_unpublish(self, stream: str, subject: str, address: str, kind: str) -> None:
+    def on_unpublish(self, stream: str, subject: str, address: str, kind: str,
+                     reason: str) -> None:
         if not self._on_unpublish_url:
             return
         body = {"action": "unpublish", "stream": stream, "subject": subject, "address": address,
-                "kind": kind}
+                "kind": kind, "reason": reason}
         task = asyncio.create_task(self._notify(self._on_unpublish_url, body))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

@@ -168,6 +168,39 @@ async def test_on_publish_webhook_can_reject_with_a_reason():
         await webhooks.close()
         assert [c["action"] for c in calls] == ["publish", "publish", "unpublish"]
         assert calls[-1]["stream"] == "fine" and calls[-1]["subject"] == "alice"
+        assert calls[-1]["reason"] == "publisher left"
+    finally:
+        await publishing.close()
+        await node.close()
+        await runner.cleanup()
+
+
+async def test_on_unpublish_is_told_of_every_end_takeovers_and_shutdown_included():
+    calls = []
+
+    async def hook(request: web.Request) -> web.Response:
+        calls.append(await request.json())
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}/hook"
+    node = Node(settings(), MemoryCache(64 * 1024 * 1024))
+    webhooks = Webhooks(None, url)
+    publishing = Publishing(node, webhooks)
+    try:
+        first = await publishing.begin("cam", claims("alice"), "10.0.0.1", "test")
+        await publishing.begin("cam", claims("bob", takeover=True), "10.0.0.2", "test")
+        await publishing.end(first)  # its publisher's session ends later: nothing more to tell
+        await publishing.close()  # shutdown ends bob's
+        await webhooks.close()
+        assert [(c["action"], c["subject"], c["address"], c["reason"]) for c in calls] == [
+            ("unpublish", "alice", "10.0.0.1", "taken over by a new publisher"),
+            ("unpublish", "bob", "10.0.0.2", "the node is shutting down")]
     finally:
         await publishing.close()
         await node.close()
@@ -222,6 +255,24 @@ async def test_a_publisher_returning_while_the_last_close_runs_waits_and_continu
     await asyncio.sleep(node.settings.publish_grace_seconds + 0.5)
     assert not stream.ended  # the first session's grace period did not end the second's stream
     await publishing.end(second)
+
+
+async def test_an_end_whose_caller_is_cancelled_still_starts_the_grace_period(
+        publishing, gated_close):
+    # A connection handler cancelled while its publication's transcoder closes (the client went
+    # away, the server is closing it): before, the end stopped there and the stream stayed live,
+    # without publisher or grace period, forever.
+    node = publishing._node
+    first = await publishing.begin("cam", claims(), "10.0.0.1", "test")
+    stream = node.live_stream("cam")
+    ending = asyncio.create_task(publishing.end(first))
+    assert await asyncio.to_thread(gated_close.closing.wait, 10)
+    ending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await ending
+    gated_close.gate.set()
+    await until(lambda: stream.ended, timeout=node.settings.publish_grace_seconds + 5)
+    assert publishing.active("cam") is None
 
 
 async def test_a_second_publisher_during_a_takeover_close_is_told_the_stream_is_published(
