@@ -7,12 +7,16 @@ What one client address may do, so that one address cannot starve the others:
   gathering and a DTLS certificate; a flood of them is refused before any of that.
 * **Failed authentications**: ``auth_failure_limit`` refusals (401) of a presented credential
   within ``AUTH_FAILURE_WINDOW`` seconds lock the address out for ``auth_lockout`` seconds. While
-  locked out, every request that carries a credential (``Authorization`` or ``?token=``) gets 429
+  locked out, every request that carries a credential (``Authorization``, ``?token=`` or a fleet
+  credential) gets 429
   without being checked, so guessing stops paying; requests without one (open playback from the
   same NAT, probes) carry on.
 * **Concurrent requests**: at most ``max_requests_per_address`` requests of one address are in the
   handlers at once (blocked playlist reloads and held parts included); the probes (``/healthz``,
-  ``/readyz``, ``/metrics``) are not counted, so a busy address never fails its own health checks.
+  ``/readyz``, ``/metrics``) are not counted, so a busy address never fails its own health checks,
+  nor is the peer API (``/fleet/``: other edges and this node's HTTP workers, each following every
+  stream it serves with one long answer; a request without a valid fleet credential is refused
+  at once, and counts as a failed authentication).
 
 Refusals are ``429 Too Many Requests`` with ``Retry-After`` (whole seconds) and the JSON body
 ``{"message": ...}`` every other error has.
@@ -44,10 +48,12 @@ from aiohttp import web
 
 from edge.config import Settings
 from edge.errors import LivedgeError, Unauthorized
+from edge.peer_api import FLEET_HEADER
 
 AUTH_FAILURE_WINDOW = 10.0  # seconds over which failed authentications are counted
 MAX_TRACKED_ADDRESSES = 100_000  # per table; the least recently seen address is forgotten first
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+PEER_API_PREFIX = "/fleet/"  # edge/peer_api.py: authenticated before anything is held
 WHIP_ENDPOINT_PREFIX = "/whip/"
 
 
@@ -148,8 +154,8 @@ def client_key(address: str | None) -> str:
 
 
 def presents_credential(headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
-    """Whether a request carries a credential the node checks (a bearer token)."""
-    return bool(headers.get("Authorization")) or "token" in query
+    """Whether a request carries a credential the node checks (a bearer token, a fleet's)."""
+    return bool(headers.get("Authorization")) or "token" in query or FLEET_HEADER in headers
 
 
 class AddressLimits:
@@ -264,11 +270,11 @@ def limits_middleware(limits: AddressLimits) -> Callable:
             refusal = limits.check_auth(address) if credential else None
         if refusal is not None:
             return refusal.response()
-        if request.path in PROBE_PATHS:
-            return await handler(request)
-        refusal = limits.enter(address)
-        if refusal is not None:
-            return refusal.response()
+        counted = request.path not in PROBE_PATHS and not request.path.startswith(PEER_API_PREFIX)
+        if counted:
+            refusal = limits.enter(address)
+            if refusal is not None:
+                return refusal.response()
         try:
             response = await handler(request)
         except LivedgeError as error:
@@ -276,7 +282,8 @@ def limits_middleware(limits: AddressLimits) -> Callable:
                 limits.auth_failed(address)
             raise
         finally:
-            limits.leave(address)
+            if counted:
+                limits.leave(address)
         if credential and response.status == 401:
             limits.auth_failed(address)
         return response

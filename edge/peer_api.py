@@ -56,9 +56,9 @@ class FleetCredential:
             self._token = (expires, value)
         return self._token[1]
 
-    def verify(self, request: web.Request) -> str:
-        """The calling edge's name; 401 without a valid fleet credential."""
-        value = request.headers.get(FLEET_HEADER)
+    def verify(self, request: web.Request, header: str = FLEET_HEADER) -> str:
+        """The calling edge's name; 401 without a valid fleet credential in ``header``."""
+        value = request.headers.get(header)
         if not value:
             raise Unauthorized("the peer API needs a fleet credential")
         try:

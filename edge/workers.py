@@ -38,7 +38,10 @@ from edge.peer_api import FLEET_HEADER, FleetCredential, PeerClient
 
 log = logging.getLogger("livedge.workers")
 
-FORWARDED_HEADER = "X-Livedge-Client"  # the client's address, from a worker, with its credential
+FORWARDED_HEADER = "X-Livedge-Client"  # the client's address, from a worker...
+# ...vouched for by the worker's credential. Not the fleet's header: that one is the client's own
+# (a fleet peer's), forwarded as it came, so a worker never lends the peer API its credential.
+WORKER_HEADER = "X-Livedge-Worker"
 VIA = "1.1 livedge-worker"  # on what a worker proxied (RFC 9110 7.6.3)
 RESTART_SECONDS = 1.0
 STOP_SECONDS = 10.0
@@ -50,7 +53,7 @@ METRICS_PATH = "/fleet/metrics"  # a worker's own exposition, for its main proce
 _NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                             "transfer-encoding", "upgrade", "host", "content-length", "server",
                             "date",
-                            FLEET_HEADER.lower(), FORWARDED_HEADER.lower()})
+                            WORKER_HEADER.lower(), FORWARDED_HEADER.lower()})
 
 
 def new_worker_secret() -> str:
@@ -96,7 +99,7 @@ class MainProcessLink(PeerClient):
         assert self._http is not None
         headers = {name: value for name, value in request.headers.items()
                    if name.lower() not in _NOT_FORWARDED}
-        headers[FLEET_HEADER] = self.credential.token()
+        headers[WORKER_HEADER] = self.credential.token()
         headers[FORWARDED_HEADER] = request.remote or ""
         body = await request.read() if request.body_exists else None
         try:
@@ -156,7 +159,7 @@ def forwarded_client_middleware(secret: str):
         client = request.headers.get(FORWARDED_HEADER)
         if client is not None:
             try:
-                credential.verify(request)
+                credential.verify(request, WORKER_HEADER)
             except Unauthorized as error:
                 return web.json_response(error.to_json(), status=error.status)
             request = request.clone(remote=client)

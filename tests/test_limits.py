@@ -17,7 +17,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 
 from edge.config import load_settings
-from edge.limits import AddressLimits, LimitSettings, Refusal, client_key, server_handler_args
+from edge.limits import (AddressLimits, LimitSettings, Refusal, client_key, presents_credential,
+                         server_handler_args)
 from edge.tokens import Scope, issue_token
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 
@@ -109,6 +110,16 @@ def test_memory_is_bounded_when_addresses_are_sprayed():
         limits.admit_publish(f"10.0.{number // 256}.{number % 256}")
         limits.auth_failed(f"10.0.{number // 256}.{number % 256}")
     assert len(limits._buckets) == 100 and len(limits._failures) == 100
+
+
+@pytest.mark.parametrize("headers, query, presented", [
+    ({"Authorization": "Bearer x"}, {}, True),
+    ({}, {"token": "x"}, True),
+    ({"X-Livedge-Fleet": "x"}, {}, True),  # a peer's: a bad one counts as a failure too
+    ({"Accept": "*/*"}, {"msn": "1"}, False),
+])
+def test_what_counts_as_presenting_a_credential(headers, query, presented):
+    assert presents_credential(headers, query) is presented
 
 
 @pytest.mark.parametrize("address, key", [

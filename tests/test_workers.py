@@ -17,11 +17,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load import child_pids, worker_answers
+from edge.peer_api import FLEET_HEADER, FleetCredential
 from edge.tokens import Scope, issue_token
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 from tests.redis_server import redis_server
 from tests.test_deploy import tool
 from tests.test_fastlane import HINT, Http, newest_part, wait_for_demo
+from tests.test_fleet import fleet
 
 ADMIN = issue_token(TEST_SECRET, "HS256", Scope.ADMIN, None, 86400, "ops")
 
@@ -128,6 +130,74 @@ def test_a_forged_client_address_header_is_never_trusted(node):
         assert status == 401 or headers.get("via") == "1.1 livedge-worker"
 
 
+def test_the_peer_api_wants_a_fleet_credential_whichever_process_answers(node):
+    # A worker proxies what it does not serve; it once did so with its own fleet credential, so
+    # anyone reached the peer API (and the media of token-protected streams) through it.
+    statuses = set()
+    for _ in range(16):  # both processes, whichever the kernel picks
+        http = Http(node.url)
+        try:
+            for path in ("/fleet/streams", "/fleet/objects/demo/180p/init.mp4"):
+                status, headers, body = http.get(path)
+                statuses.add((status, headers.get("via")))
+                assert status == 401 and "message" in json.loads(body), (path, status)
+            forged = http.get("/fleet/streams", headers="X-Livedge-Worker: forged\r\n"
+                                                         "X-Livedge-Client: 203.0.113.9\r\n")
+            assert forged[0] == 401
+        finally:
+            http.close()
+    assert (401, "1.1 livedge-worker") in statuses  # the worker's proxy was tried too
+
+
+def test_a_fleet_peer_reaches_the_peer_api_through_either_process(tmp_path):
+    """The peer's own credential goes through a worker's proxy as it came."""
+    secret = "fleet-secret-" + "f" * 32
+    peer = FleetCredential(secret.encode(), "edge-9")
+    with fleet(tmp_path, 1, HTTP_WORKERS="2", FLEET_SECRET=secret,
+               MAX_CONNECTIONS_PER_ADDRESS="0") as (edge,):
+        wait_for_demo(edge.url)
+        until(lambda: worker_answers(edge.url), 20, "no worker answers")
+        vias = set()
+        for _ in range(16):
+            http = Http(edge.url)
+            try:
+                status, headers, body = http.get(
+                    "/fleet/objects/demo/180p/init.mp4",
+                    headers=f"{FLEET_HEADER}: {peer.token()}\r\n")
+                assert status == 200 and body[4:8] == b"ftyp", status
+                vias.add(headers.get("via"))
+            finally:
+                http.close()
+        assert vias == {None, "1.1 livedge-worker"}  # the main process, and through the worker
+
+
+def test_peer_api_follows_do_not_count_against_the_per_address_request_limit(tmp_path):
+    """A worker follows each stream it serves with one long answer from 127.0.0.1; counted, it
+    took the loopback address's request slots (and a fleet peer's) for as long as it followed."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with running_node(tmp_path, "--demo", HTTP_WORKERS="2", MAX_REQUESTS_PER_ADDRESS="1",
+                      MAX_CONNECTIONS_PER_ADDRESS="0") as running:
+        wait_for_demo(running.url)
+        until(lambda: worker_answers(running.url), 20, "no worker answers")
+        main_prefix = own_prefix(running.url)
+        answered_by_worker = False
+        for _ in range(64):  # until the worker's lane answers: it follows the stream by then
+            http = Http(running.url)
+            try:
+                status, headers, _ = http.get("/hls/demo/180p/index.m3u8")
+                answered_by_worker = status == 200 and headers["server"] == "livedge" \
+                    and headers["x-request-id"][:8] != main_prefix
+            finally:
+                http.close()
+            if answered_by_worker:
+                break
+        assert answered_by_worker
+        for _ in range(8):
+            request = urllib.request.Request(running.url + "/api/streams", headers=admin)
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                assert answer.status == 200
+
+
 def scrape(url: str) -> tuple[str, dict[tuple[str, tuple], float]]:
     """The node's /metrics text, and its samples keyed (name, sorted labels)."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as answer:
@@ -139,8 +209,13 @@ def scrape(url: str) -> tuple[str, dict[tuple[str, tuple], float]]:
     return text, samples
 
 
-def process_up(url: str, process: str) -> float:
-    return scrape(url)[1][("livedge_process_up", (("process", process),))]
+def process_up(url: str, process: str) -> float | None:
+    """``livedge_process_up`` of ``process``; None when the scrape's connection was reset (it
+    reached a worker's listener as the worker died)."""
+    try:
+        return scrape(url)[1][("livedge_process_up", (("process", process),))]
+    except ConnectionError:
+        return None
 
 
 def test_one_scrape_counts_every_process_of_the_node(node, tmp_path):
