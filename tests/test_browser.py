@@ -141,10 +141,12 @@ def test_a_player_that_fell_behind_returns_to_live_unless_the_viewer_went_back(n
     page.wait_for_function("() => window.livedgeWatch.stats.jumps >= 1", timeout=10_000)
     page.wait_for_function(f"() => window.livedgeWatch.stats.latency < {target + 1.5}",
                            timeout=10_000)
-    # A viewer who seeks back stays where they went ...
+    # A viewer who seeks back stays where they went ... (on a slow machine the player may have
+    # needed a second jump by now, 10 s after the first: count from here)
+    jumps = page.evaluate("window.livedgeWatch.stats.jumps")
     page.evaluate("document.getElementById('video').currentTime -= 4")
     page.wait_for_timeout(3000)
-    assert page.evaluate("window.livedgeWatch.stats.jumps") == 1
+    assert page.evaluate("window.livedgeWatch.stats.jumps") == jumps
     assert latency(page) > target + 2.5
     # ... until they ask for the live edge.
     page.get_by_role("button", name="Go to live edge").click()
