@@ -68,6 +68,7 @@ class LaneStats:
     handed_over: int = 0  # connections handed to aiohttp
     parked: int = 0  # requests parked now
     connections_refused: int = 0  # over the per-address connection cap
+    read_through: int = 0  # objects the lane read through the lower tiers (not in memory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +304,9 @@ class FastLane:
                 return False  # aiohttp says why (404)
         elif not is_init_name(name):
             return False
-        return self._send_object(connection, stream, rendition, name, rid, reply)
+        if not self._send_object(connection, stream, rendition, name, rid, reply):
+            self._read_through(connection, stream, rendition, name, rid, reply, head)
+        return True
 
     # -- answers ----------------------------------------------------------------------------------
     def _head(self, status: int, content_type: str, cache_control: str, length: int,
@@ -344,13 +347,41 @@ class FastLane:
 
     def _send_object(self, connection: FastConnection, stream: LiveStream, rendition: str,
                      name: str, rid: bytes, reply: _Reply) -> bool:
+        """Answer with the object if memory holds it; False if it does not."""
         data = stream.object(rendition, name)
         if data is None:
-            return False  # not in memory: aiohttp reads through the lower tiers, or says 404
+            return False
+        self._send_data(connection, stream, rendition, data, rid, reply)
+        return True
+
+    def _send_data(self, connection: FastConnection, stream: LiveStream, rendition: str,
+                   data: bytes, rid: bytes, reply: _Reply) -> None:
         content_type = _CONTENT_TYPES[stream.tracks[rendition].kind.value]
         self.answer(connection, _ROUTE_OBJECT, 200, content_type, self.hls.object_cache_control,
                     data, rid, reply)
-        return True
+
+    def _read_through(self, connection: FastConnection, stream: LiveStream, rendition: str,
+                      name: str, rid: bytes, reply: _Reply, head: bytes) -> None:
+        """A listed object memory does not hold: on a replica or an HTTP worker (their events
+        carry no bytes) every new part's first request. Read it through the lower tiers (one
+        read however many ask) while the connection waits in the lane: handed to aiohttp, it
+        would stay there for good. Not counted against the address's request slots: a
+        connection waits for one read at a time, and connections per address are capped."""
+        self.stats.read_through += 1
+        fetch = self._loop.create_task(stream.fetch_object(rendition, name))
+        connection.fetching = fetch
+
+        def fetched(done: asyncio.Task) -> None:
+            if connection.fetching is not done:
+                return  # the connection closed meanwhile
+            connection.fetching = None
+            data = None if done.cancelled() or done.exception() is not None else done.result()
+            if data is None:
+                connection.hand_over(replay=head)  # 404, or 503 without Redis: aiohttp says why
+            else:
+                self._send_data(connection, stream, rendition, data, rid, reply)  # then on
+
+        fetch.add_done_callback(fetched)
 
     def _fail(self, parked: _Parked, status: int, message: str) -> None:
         route = _ROUTE_OBJECT if parked.name else _ROUTE_PLAYLIST
@@ -422,11 +453,12 @@ class FastLane:
                 connection.write(wire[0] + parked.request_id + wire[1])
                 playlists += 1
                 connection.answered(reply.keep_alive, now)
-            elif not (state is Readiness.READY and self._send_object(
-                    connection, parked.stream, parked.rendition, parked.name, parked.request_id,
-                    parked.reply)):
-                # 400 or 404, or a read through the lower tiers: aiohttp answers it.
-                connection.hand_over(replay=parked.head)
+            elif state is not Readiness.READY:
+                connection.hand_over(replay=parked.head)  # 400 or 404: aiohttp says why
+            elif not self._send_object(connection, parked.stream, parked.rendition, parked.name,
+                                       parked.request_id, parked.reply):
+                self._read_through(connection, parked.stream, parked.rendition, parked.name,
+                                   parked.request_id, parked.reply, parked.head)
         group.parked = waiting
         self.hls.counters.blocked_requests -= unparked
         self.stats.parked -= unparked
@@ -490,6 +522,7 @@ class FastConnection(asyncio.Protocol):
         self.address = "-"
         self.remote = ""
         self.parked: _Parked | None = None
+        self.fetching: asyncio.Task | None = None  # an object read through the lower tiers
         self._buffer = bytearray()
         self._request = _Request()
         self._handler: Any = None  # aiohttp's protocol once handed over
@@ -559,6 +592,9 @@ class FastConnection(asyncio.Protocol):
             self._idle_timer.cancel()
         if self.parked is not None:
             self.lane.forget(self.parked)
+        if self.fetching is not None:
+            fetching, self.fetching = self.fetching, None
+            fetching.cancel()  # only this request's wait: the read itself is shared, shielded
         if self._counted:
             self._counted = False
             self.lane.closed(self)
@@ -568,7 +604,8 @@ class FastConnection(asyncio.Protocol):
     # -- requests ---------------------------------------------------------------------------------
     def _process(self) -> None:
         buffer = self._buffer
-        while not (self.parked or self._write_paused or self._handler or self._closing):
+        while not (self.parked or self.fetching or self._write_paused or self._handler
+                   or self._closing):
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(buffer) > MAX_HEAD_BYTES:
@@ -637,7 +674,7 @@ class FastConnection(asyncio.Protocol):
         if self._handler is not None or self._closing:
             return
         loop = self.lane._loop
-        if self.parked is None and loop.time() >= self._idle_deadline:
+        if self.parked is None and self.fetching is None and loop.time() >= self._idle_deadline:
             self.close()
             return
         self._idle_timer = loop.call_at(max(self._idle_deadline, loop.time() + 1.0),

@@ -144,6 +144,9 @@ class NodeCollector(Collector):
             yield CounterMetricFamily("livedge_fast_lane_handovers",
                                       "Connections the fast lane handed to aiohttp",
                                       value=lane.handed_over)
+            yield CounterMetricFamily("livedge_fast_lane_read_through",
+                                      "Objects the fast lane read through the lower tiers "
+                                      "(memory did not hold them)", value=lane.read_through)
             yield CounterMetricFamily("livedge_http_connections_refused",
                                       "Connections refused over MAX_CONNECTIONS_PER_ADDRESS",
                                       value=lane.connections_refused)

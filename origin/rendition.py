@@ -85,6 +85,10 @@ class RenditionLog:
         self.discontinuity_sequence = 0
         self.init_generation = 0  # the declared format's: the next segment's
         self._inits = {0}  # generations whose init segment is still needed
+        # What is listed by name, for object requests (every part or segment request asks):
+        # the segment a segment name stands for, and the part names.
+        self._segment_names: dict[str, _Segment] = {}
+        self._part_names: set[str] = set()
         self.ended = False
         self.version = 0  # bumps on every change; renders and waiters key on it
 
@@ -100,13 +104,16 @@ class RenditionLog:
     def apply(self, event: PackagerEvent) -> WindowChange:
         self.version += 1
         if isinstance(event, SegmentOpened):
-            self._segments.append(_Segment(event.msn, event.program_date_time, event.discontinuity,
-                                           event.init_generation))
+            segment = _Segment(event.msn, event.program_date_time, event.discontinuity,
+                               event.init_generation)
+            self._segments.append(segment)
+            self._segment_names[segment_uri(event.msn)] = segment
             self._inits.add(event.init_generation)  # a replayed log's may predate ``declare``
         elif isinstance(event, PartReady):
             segment = self._segment(event.msn)
-            segment.parts.append(PartEntry(event.duration, part_uri(event.msn, event.index),
-                                           event.independent))
+            name = part_uri(event.msn, event.index)
+            segment.parts.append(PartEntry(event.duration, name, event.independent))
+            self._part_names.add(name)
         elif isinstance(event, SegmentReady):
             segment = self._segment(event.msn)
             segment.complete = True
@@ -118,7 +125,7 @@ class RenditionLog:
         self.version += 1
         self.ended = True
         if self._segments and not self._segments[-1].complete:
-            self._segments.pop()  # parts of an unfinished segment are not listed after ENDLIST
+            self._forget(self._segments.pop())  # an unfinished segment is not listed after ENDLIST
 
     def _segment(self, msn: int) -> _Segment:
         if not self._segments or self._segments[-1].msn != msn:
@@ -133,9 +140,15 @@ class RenditionLog:
             complete.pop(0)
             if oldest.discontinuity:
                 self.discontinuity_sequence += 1
-            unlisted.append(segment_uri(oldest.msn))
-            unlisted += [part.uri for part in oldest.parts]
+            unlisted += self._forget(oldest)
         return tuple(unlisted) + self._unneeded_inits() if unlisted else ()
+
+    def _forget(self, segment: _Segment) -> list[str]:
+        """``segment`` left the window: its names, no longer listed."""
+        names = [segment_uri(segment.msn), *(part.uri for part in segment.parts)]
+        self._segment_names.pop(names[0], None)
+        self._part_names.difference_update(names[1:])
+        return names
 
     def _unneeded_inits(self) -> tuple[str, ...]:
         """Init segments of past formats that no listed segment needs any more (forgotten)."""
@@ -184,13 +197,13 @@ class RenditionLog:
         """For a part or segment name: READY if listed, WAIT if it is the next part (preload
         hint) or segment being produced, GONE otherwise. An init segment is READY while a listed
         segment (or the next one) needs it."""
+        if name in self._part_names:
+            return Readiness.READY
+        segment = self._segment_names.get(name)
+        if segment is not None:
+            return Readiness.READY if segment.complete else Readiness.WAIT
         if is_init_name(name):
             return Readiness.READY if name in map(init_uri, self._inits) else Readiness.GONE
-        for segment in self._segments:
-            if name == segment_uri(segment.msn):
-                return Readiness.READY if segment.complete else Readiness.WAIT
-            if any(part.uri == name for part in segment.parts):
-                return Readiness.READY
         if not self.ended and name == self.preload_hint():
             return Readiness.WAIT
         return Readiness.GONE

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Protocol
 
 from ingest.media import TrackInfo, TrackKind
@@ -41,7 +42,7 @@ class LiveSettings:
     part_duration: float
     window_segments: int
 
-    @property
+    @cached_property  # asked on every request
     def target_duration(self) -> int:
         return target_duration_for(self.segment_duration)
 

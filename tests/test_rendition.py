@@ -95,6 +95,21 @@ def test_end_drops_the_open_segment_and_answers_every_wait(log):
     playlist = log.playlist()
     assert playlist.ended and not playlist.open_parts and playlist.preload_hint_uri is None
     assert log.readiness(5, 0) is Readiness.READY
+    # The dropped segment's objects are gone with it; the complete ones stay.
+    assert [log.object_state(name) for name in ("part4.0.m4s", "seg4.m4s", "part4.2.m4s")] \
+        == [Readiness.GONE] * 3
+    assert log.object_state("part3.3.m4s") is Readiness.READY
+
+
+def test_objects_that_slid_out_of_the_window_are_gone():
+    log = RenditionLog(SETTINGS)
+    feed(log, segments=5)  # a window of three: segments 0 and 1 slid out
+    for msn in (0, 1):
+        assert log.object_state(f"seg{msn}.m4s") is Readiness.GONE
+        assert log.object_state(f"part{msn}.3.m4s") is Readiness.GONE
+    assert log.object_state("seg2.m4s") is Readiness.READY
+    assert log.object_state("part2.0.m4s") is Readiness.READY
+    assert log.object_state("part5.0.m4s") is Readiness.WAIT  # the preload hint
 
 
 # -- one init URI per format -------------------------------------------------------------------------

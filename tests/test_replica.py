@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import statistics
 import time
@@ -26,6 +27,7 @@ from origin.rendition import Readiness
 from origin.wire import decode_event, encode_event
 from tests.nodes import running_node
 from tests.redis_server import RedisServer, redis_server
+from tests.test_fastlane import HINT, Http, newest_part, wait_for_demo
 from tests.test_live import encode_video
 
 pytestmark = pytest.mark.timeout(60)
@@ -579,3 +581,45 @@ async def test_a_second_node_plays_a_live_stream_through_redis(tmp_path):
                 details = await response.json()
             assert details["ready"] and details["redis"]["available"]
             assert details["redis"]["replicas"] == 1 and details["redis"]["hits"] > 0
+
+
+def test_a_reader_keeps_its_viewers_in_the_fast_lane_when_memory_misses(tmp_path):
+    """A reading node's events carry no bytes, so every new part's first request misses its
+    memory: the lane reads it through Redis with the connection held, where it used to hand the
+    connection to aiohttp for good. What no tier has is still a 404 with a message."""
+    with redis_server(tmp_path / "redis") as server, \
+            running_node(tmp_path, "--demo", REDIS_URL=server.url) as producer, \
+            running_node(tmp_path, REDIS_URL=server.url) as reader:
+        wait_for_demo(producer.url)
+        wait_for_demo(reader.url)  # the replica has loaded: the lane can locate the stream
+        viewer = Http(reader.url)
+        try:
+            status, headers, body = viewer.get("/hls/demo/180p/index.m3u8")
+            assert status == 200 and headers["server"] == "livedge"
+            for _ in range(4):  # as a player does: wait for the next part, then fetch it
+                msn, part = (int(v) for v in HINT.search(body.decode()).groups())
+                status, headers, body = viewer.get(
+                    f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
+                assert status == 200 and headers["server"] == "livedge"
+                msn, part = newest_part(body)
+                status, headers, data = viewer.get(f"/hls/demo/180p/part{msn}.{part}.m4s")
+                assert status == 200 and headers["server"] == "livedge", headers
+                assert data[4:8] in (b"styp", b"moof")
+            # Listed, but gone from Redis before anyone here asked: aiohttp says 404.
+            oldest = re.findall(r"^(seg\d+\.m4s)$", body.decode(), re.M)[0]
+            asyncio.run(_delete_object(server.url, object_key("demo", "180p", oldest)))
+            status, headers, data = viewer.get(f"/hls/demo/180p/{oldest}")
+            assert status == 404 and json.loads(data)["message"]
+        finally:
+            viewer.close()
+    assert "unhandled error" not in reader.log()
+
+
+async def _delete_object(url: str, key: str) -> None:
+    client = aioredis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"*{key}")]
+        assert keys, f"no Redis key ends with {key}"
+        await client.delete(*keys)
+    finally:
+        await client.aclose()

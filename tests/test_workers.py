@@ -262,6 +262,38 @@ def own_prefix(url: str) -> str:
     raise AssertionError("the main process answered no connection")
 
 
+def test_a_worker_answers_new_parts_in_its_lane_reading_them_from_the_main_process(node):
+    """A worker's events carry no bytes: each new part is read from the main process on its
+    first request, with the viewer's connection held in the worker's lane (once, it was handed to
+    aiohttp for good, and the worker's lane answered nothing more)."""
+    main_prefix = own_prefix(node.url)
+    viewer = None
+    for _ in range(64):
+        http = Http(node.url)
+        status, headers, body = http.get("/hls/demo/180p/index.m3u8")
+        if status == 200 and headers["server"] == "livedge" \
+                and headers["x-request-id"][:8] != main_prefix:
+            viewer = http
+            break
+        http.close()
+    assert viewer is not None, "no connection reached the worker's lane"
+    read_through = ("livedge_fast_lane_read_through_total", (("process", "worker-1"),))
+    before = scrape(node.url)[1][read_through]
+    try:
+        for _ in range(4):
+            msn, part = (int(v) for v in HINT.search(body.decode()).groups())
+            status, headers, body = viewer.get(
+                f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
+            assert status == 200 and headers["server"] == "livedge"
+            msn, part = newest_part(body)
+            status, headers, data = viewer.get(f"/hls/demo/180p/part{msn}.{part}.m4s")
+            assert status == 200 and headers["server"] == "livedge", headers
+            assert headers["x-request-id"][:8] != main_prefix
+    finally:
+        viewer.close()
+    assert scrape(node.url)[1][read_through] > before
+
+
 def test_a_dead_worker_is_restarted_and_the_node_keeps_serving(node):
     [worker] = child_pids(node.process.pid)
     os.kill(worker, signal.SIGKILL)
