@@ -302,8 +302,8 @@ class FastLane:
                 return None
             if state is not Readiness.READY:
                 return False  # aiohttp says why (404)
-        elif not is_init_name(name):
-            return False
+        elif not is_init_name(name) or stream.object_state(rendition, name) is not Readiness.READY:
+            return False  # only the init segments the window needs are read through
         if not self._send_object(connection, stream, rendition, name, rid, reply):
             self._read_through(connection, stream, rendition, name, rid, reply, head)
         return True
@@ -607,9 +607,9 @@ class FastConnection(asyncio.Protocol):
         while not (self.parked or self.fetching or self._write_paused or self._handler
                    or self._closing):
             end = buffer.find(b"\r\n\r\n")
-            if end < 0:
+            if end < 0 or end + 4 > MAX_HEAD_BYTES:
                 if len(buffer) > MAX_HEAD_BYTES:
-                    self.hand_over()
+                    self.hand_over()  # a head too large, whole or not: aiohttp answers 400
                 break
             request = self._request
             request.reset()

@@ -207,7 +207,10 @@ class HlsRoutes:
         kind = stream.tracks[rendition].kind.value
         headers = {"Cache-Control": self.object_cache_control}
         if is_init_name(name):
-            data = await stream.fetch_object(rendition, name)
+            # Only an init segment the window needs: any other name would be a read of every
+            # lower tier (Redis, peers, the origin) for nothing.
+            data = await stream.fetch_object(rendition, name) \
+                if stream.object_state(rendition, name) is Readiness.READY else None
         elif name.endswith(".m4s"):
             # A preload-hinted part (or the segment being produced) is held and sent whole.
             state = await self._hold(stream, rendition, lambda: stream.object_state(rendition, name),

@@ -256,6 +256,14 @@ class AddressLimits:
 LIMITS = web.AppKey("limits", AddressLimits)
 
 
+def _peer_api_read(request: web.Request) -> bool:
+    """A peer API request (all are GETs without a body): refused at once without a valid fleet
+    credential, held long only with one. Anything else under /fleet/ is counted (a worker proxies
+    it to its main process before anyone checks it)."""
+    return request.method == "GET" and not request.body_exists \
+        and request.path.startswith(PEER_API_PREFIX)
+
+
 def limits_middleware(limits: AddressLimits) -> Callable:
     """The aiohttp middleware applying ``limits``; install it inside the one that turns errors into
     JSON, so its 401s are seen as exceptions and its 429s get the usual headers."""
@@ -270,7 +278,7 @@ def limits_middleware(limits: AddressLimits) -> Callable:
             refusal = limits.check_auth(address) if credential else None
         if refusal is not None:
             return refusal.response()
-        counted = request.path not in PROBE_PATHS and not request.path.startswith(PEER_API_PREFIX)
+        counted = request.path not in PROBE_PATHS and not _peer_api_read(request)
         if counted:
             refusal = limits.enter(address)
             if refusal is not None:

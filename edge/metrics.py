@@ -9,6 +9,7 @@ processes: each sample labelled with the ``process`` it came from.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Awaitable, Callable, Iterable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,6 +26,9 @@ from edge.replica import ReplicaStats
 from origin.live import StreamStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# A node's merged exposition (HTTP workers) serves the scrapes of this long: it costs the main
+# process a read of every worker and a parse of their text, and /metrics needs no credential.
+MERGED_REUSE_SECONDS = 1.0
 
 
 class NodeSnapshots(Protocol):
@@ -229,7 +233,8 @@ def _limit_metrics(limits: LimitStats | None) -> Iterable[GaugeMetricFamily | Co
 class Metrics:
     """The node's registry: snapshot collector plus HTTP and event-loop instruments."""
 
-    def __init__(self, node: NodeSnapshots) -> None:
+    def __init__(self, node: NodeSnapshots, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self.registry = CollectorRegistry()
         self.registry.register(NodeCollector(node))
         self.http_requests = Counter("livedge_http_requests", "HTTP requests answered",
@@ -247,6 +252,8 @@ class Metrics:
         # A main process with HTTP workers: each worker's own exposition, None where it did not
         # answer (edge/workers.py, ``WorkerSupervisor.scrape``).
         self.other_processes: Callable[[], Awaitable[dict[str, bytes | None]]] | None = None
+        self._merged: tuple[float, bytes] | None = None  # (when, the node's exposition)
+        self._merging: asyncio.Future[bytes] | None = None
 
     def render(self) -> bytes:
         """This process's exposition."""
@@ -255,11 +262,23 @@ class Metrics:
         return generate_latest(self.registry)
 
     async def render_node(self) -> bytes:
-        """The node's exposition: this process's, merged with its workers' when it has some."""
+        """The node's exposition: this process's, merged with its workers' when it has some
+        (one merge for concurrent scrapes, reused for ``MERGED_REUSE_SECONDS``)."""
         if self.other_processes is None:
             return self.render()
+        if self._merged is not None and self._clock() - self._merged[0] < MERGED_REUSE_SECONDS:
+            return self._merged[1]
+        if self._merging is None:
+            merging = self._merging = asyncio.ensure_future(self._merge(self.other_processes))
+            merging.add_done_callback(lambda _: setattr(self, "_merging", None))
+        return await asyncio.shield(self._merging)
+
+    async def _merge(self, other_processes: Callable[[], Awaitable[dict[str, bytes | None]]]
+                     ) -> bytes:
         own = self.render()
-        return merge_processes({"main": own, **await self.other_processes()})
+        text = merge_processes({"main": own, **await other_processes()})
+        self._merged = (self._clock(), text)
+        return text
 
     async def probe_loop_lag(self, interval: float = 0.25,
                              clock: Callable[[], float] | None = None) -> None:

@@ -31,6 +31,7 @@ from origin.window import LiveSettings, StreamWindow
 from origin.wire import WireError, decode_settings, encode_settings, pack_event, unpack_event
 
 FLEET_HEADER = "X-Livedge-Fleet"
+FLEET_AUDIENCE = "livedge-fleet"
 HOP_HEADER = "X-Livedge-Hop"  # set on edge-to-edge object reads: never forwarded to a third edge
 CREDENTIAL_TTL = 60.0
 EVENT_LINES_TYPE = "application/x-ndjson"
@@ -42,16 +43,17 @@ direct_request = contextvars.ContextVar("livedge_fleet_direct", default=False)
 
 
 class FleetCredential:
-    def __init__(self, secret: bytes, node: str) -> None:
+    def __init__(self, secret: bytes, node: str, audience: str = FLEET_AUDIENCE) -> None:
         self._secret = secret
         self._node = node
+        self._audience = audience  # one per use, so that no token stands in for another's
         self._token: tuple[float, str] | None = None
 
     def token(self) -> str:
         now = time.time()
         if self._token is None or self._token[0] - now < CREDENTIAL_TTL / 2:
             expires = now + CREDENTIAL_TTL
-            value = jwt.encode({"sub": self._node, "aud": "livedge-fleet", "exp": int(expires)},
+            value = jwt.encode({"sub": self._node, "aud": self._audience, "exp": int(expires)},
                                self._secret, algorithm="HS256")
             self._token = (expires, value)
         return self._token[1]
@@ -63,7 +65,8 @@ class FleetCredential:
             raise Unauthorized("the peer API needs a fleet credential")
         try:
             claims = jwt.decode(value, self._secret, algorithms=["HS256"],
-                                audience="livedge-fleet", leeway=5)
+                                audience=self._audience, leeway=5,
+                                options={"require": ["exp", "aud"]})
         except jwt.PyJWTError:
             raise Unauthorized("invalid fleet credential") from None
         return str(claims.get("sub", ""))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from edge.errors import Conflict, TooManyRequests, Unavailable
+from edge.limits import client_key
 from edge.node import Node
 from edge.tokens import Claims
 from edge.webhooks import Webhooks
@@ -104,11 +105,12 @@ class Publishing:
         subject = claims.subject or "-"
         if self._node.draining:
             raise Unavailable("this node is draining; publish to another")
-        if self._per_address[address] >= self._settings.max_sessions_per_address:
+        key = client_key(address)  # an IPv6 /64 is one address, as for every other limit
+        if self._per_address[key] >= self._settings.max_sessions_per_address:
             raise TooManyRequests("too many publish sessions from this address")
         if self._per_subject[subject] >= self._settings.max_sessions_per_subject:
             raise TooManyRequests("too many publish sessions for this token subject")
-        self._per_address[address] += 1
+        self._per_address[key] += 1
         self._per_subject[subject] += 1
         try:
             async with self._exclusive(stream):
@@ -209,10 +211,11 @@ class Publishing:
         return live is not None and live.ended
 
     def _release(self, address: str, subject: str) -> None:
-        self._per_address[address] -= 1
+        key = client_key(address)
+        self._per_address[key] -= 1
         self._per_subject[subject] -= 1
-        if self._per_address[address] <= 0:
-            del self._per_address[address]
+        if self._per_address[key] <= 0:
+            del self._per_address[key]
         if self._per_subject[subject] <= 0:
             del self._per_subject[subject]
 

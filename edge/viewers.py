@@ -6,6 +6,7 @@ import time
 from typing import Callable
 
 MAX_TRACKED_PER_STREAM = 100_000  # bounds memory however many clients come and go
+MAX_CLIENT_CHARS = 160  # of a client's key (address and User-Agent): a long one costs no more
 
 
 class ViewerTracker:
@@ -15,6 +16,7 @@ class ViewerTracker:
         self._seen: dict[str, dict[str, float]] = {}
 
     def saw(self, stream: str, client: str) -> None:
+        client = client[:MAX_CLIENT_CHARS]
         clients = self._seen.setdefault(stream, {})
         if client not in clients and len(clients) >= MAX_TRACKED_PER_STREAM:
             self._expire(clients)

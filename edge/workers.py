@@ -31,6 +31,7 @@ from typing import Callable
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from edge.errors import LivedgeError, Unauthorized
 from edge.metrics import CONTENT_TYPE
@@ -42,6 +43,7 @@ FORWARDED_HEADER = "X-Livedge-Client"  # the client's address, from a worker...
 # ...vouched for by the worker's credential. Not the fleet's header: that one is the client's own
 # (a fleet peer's), forwarded as it came, so a worker never lends the peer API its credential.
 WORKER_HEADER = "X-Livedge-Worker"
+WORKER_AUDIENCE = "livedge-worker"  # of the token in WORKER_HEADER: it opens nothing else
 VIA = "1.1 livedge-worker"  # on what a worker proxied (RFC 9110 7.6.3)
 RESTART_SECONDS = 1.0
 STOP_SECONDS = 10.0
@@ -67,6 +69,8 @@ class MainProcessLink(PeerClient):
     def __init__(self, main_url: str, secret: str) -> None:
         self.main_url = main_url.rstrip("/")
         self.credential = FleetCredential(secret.encode(), f"worker-{os.getpid()}")
+        self._vouching = FleetCredential(secret.encode(), f"worker-{os.getpid()}",
+                                         WORKER_AUDIENCE)
         self._http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -99,11 +103,15 @@ class MainProcessLink(PeerClient):
         assert self._http is not None
         headers = {name: value for name, value in request.headers.items()
                    if name.lower() not in _NOT_FORWARDED}
-        headers[WORKER_HEADER] = self.credential.token()
+        headers[WORKER_HEADER] = self._vouching.token()
         headers[FORWARDED_HEADER] = request.remote or ""
-        body = await request.read() if request.body_exists else None
+        # The body streams through (the main process applies its own size limits and deadlines;
+        # buffered here, a slow one held a worker's memory with none), and the path goes as the
+        # client encoded it: decoded, %2F or %3F would route differently there.
+        body = request.content if request.body_exists else None
         try:
-            async with self._http.request(request.method, f"{self.main_url}{request.path_qs}",
+            async with self._http.request(request.method,
+                                          URL(f"{self.main_url}{request.raw_path}", encoded=True),
                                           headers=headers, data=body, allow_redirects=False,
                                           timeout=PROXY_TIMEOUT) as upstream:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -152,7 +160,7 @@ def _die_with_parent() -> None:
 def forwarded_client_middleware(secret: str):
     """On the main process: a request proxied by a worker (its credential verifies) is seen with
     the client's address, so per-address limits and logs see clients, not workers. Outermost."""
-    credential = FleetCredential(secret.encode(), "main")
+    credential = FleetCredential(secret.encode(), "main", WORKER_AUDIENCE)
 
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:

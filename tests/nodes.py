@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.conftest import free_port
 
 # A small ladder keeps two cores ahead of real time with the 720p demo source.
@@ -74,3 +76,14 @@ def running_node(tmp_path: Path, *args: str, startup_timeout: float = 40.0,
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def scrape(url: str) -> tuple[str, dict[tuple[str, tuple], float]]:
+    """The node's /metrics text, and its samples keyed (name, sorted labels)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return text, samples

@@ -197,6 +197,28 @@ def test_errors_are_answered_by_aiohttp_with_a_json_message(node):
     assert too_far[0] == 400 and "too far" in json.loads(too_far[2])["message"]
 
 
+def test_a_head_larger_than_aiohttp_allows_is_refused_even_when_it_arrives_whole(node):
+    # The lane checked the size only while a head was incomplete; a whole 20 KB one was served
+    # (and its User-Agent kept by the viewer count), where aiohttp answers 400.
+    http = Http(node.url)
+    try:
+        status, headers, _ = http.get("/hls/demo/180p/index.m3u8",
+                                      headers=f"User-Agent: {'x' * 20000}\r\n")
+    finally:
+        http.close()
+    assert status == 400 and headers.get("server") != "livedge"
+
+
+def test_an_init_segment_no_listed_segment_needs_is_not_found(node):
+    http = Http(node.url)
+    try:
+        assert http.get("/hls/demo/180p/init.mp4")[0] == 200
+        status, _, body = http.get("/hls/demo/180p/init-7.mp4")
+    finally:
+        http.close()
+    assert status == 404 and json.loads(body) == {"message": "no such object"}
+
+
 def test_http_1_0_without_keep_alive_is_answered_then_closed(node):
     http = Http(node.url)
     try:

@@ -7,6 +7,8 @@ test moves by hand); the exposition text is parsed back with prometheus_client's
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.cache import MemoryCache
@@ -126,3 +128,24 @@ def test_a_scrape_of_several_processes_labels_each_sample_with_its_process():
     assert not [key for key in samples if key[0] != "livedge_process_up"
                 and dict(key[1]).get("process") == "worker-2"]
     assert text.count("# TYPE livedge_cache_bytes gauge") == 1  # one family, two processes
+
+
+async def test_concurrent_scrapes_of_a_node_with_workers_share_one_merge():
+    clock = Clock()
+    metrics = Metrics(Snapshots(), clock)
+    worker = Metrics(Snapshots())
+    reads = []
+
+    async def other_processes():
+        reads.append(clock.now)
+        await asyncio.sleep(0.05)  # the workers' answers take a while
+        return {"worker-1": worker.render()}
+
+    metrics.other_processes = other_processes
+    texts = await asyncio.gather(*(metrics.render_node() for _ in range(20)))
+    assert len(reads) == 1 and len(set(texts)) == 1
+    assert b'process="worker-1"' in texts[0]
+    assert await metrics.render_node() == texts[0] and len(reads) == 1  # reused for a second
+    clock.now += 1.5
+    await metrics.render_node()
+    assert len(reads) == 2

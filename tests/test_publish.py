@@ -139,6 +139,22 @@ async def test_session_limits_per_address_and_subject():
         await node.close()
 
 
+async def test_publish_sessions_of_one_ipv6_64_count_as_one_address():
+    node = Node(settings(MAX_SESSIONS_PER_ADDRESS="2"), MemoryCache(64 * 1024 * 1024))
+    publishing = Publishing(node, Webhooks(None, None))
+    try:
+        first = await publishing.begin("a", claims("a"), "2001:db8:1:2::1", "test")
+        await publishing.begin("b", claims("b"), "2001:db8:1:2::2", "test")
+        with pytest.raises(TooManyRequests):
+            await publishing.begin("c", claims("c"), "2001:db8:1:2:ffff::9", "test")
+        await publishing.begin("c", claims("c"), "2001:db8:1:3::1", "test")  # another /64
+        await publishing.end(first)
+        await publishing.begin("d", claims("d"), "2001:db8:1:2::3", "test")  # its slot is free
+    finally:
+        await publishing.close()
+        await node.close()
+
+
 async def test_on_publish_webhook_can_reject_with_a_reason():
     calls = []
 

@@ -25,7 +25,7 @@ from origin.live import (LiveSettings, LiveStream, StreamEnded, TrackDeclared, o
 from origin.packager import PartReady, SegmentOpened, SegmentReady
 from origin.rendition import Readiness
 from origin.wire import decode_event, encode_event
-from tests.nodes import running_node
+from tests.nodes import running_node, scrape
 from tests.redis_server import RedisServer, redis_server
 from tests.test_fastlane import HINT, Http, newest_part, wait_for_demo
 from tests.test_live import encode_video
@@ -605,6 +605,12 @@ def test_a_reader_keeps_its_viewers_in_the_fast_lane_when_memory_misses(tmp_path
                 status, headers, data = viewer.get(f"/hls/demo/180p/part{msn}.{part}.m4s")
                 assert status == 200 and headers["server"] == "livedge", headers
                 assert data[4:8] in (b"styp", b"moof")
+            # An init segment of a format the window never had is not looked for in Redis.
+            misses = ("livedge_tier_misses_total", (("tier", "redis"),))
+            before = scrape(reader.url)[1][misses]
+            for generation in range(2, 7):
+                assert viewer.get(f"/hls/demo/180p/init-{generation}.mp4")[0] == 404
+            assert scrape(reader.url)[1][misses] == before
             # Listed, but gone from Redis before anyone here asked: aiohttp says 404.
             oldest = re.findall(r"^(seg\d+\.m4s)$", body.decode(), re.M)[0]
             asyncio.run(_delete_object(server.url, object_key("demo", "180p", oldest)))

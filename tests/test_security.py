@@ -383,6 +383,8 @@ FORGED_CREDENTIALS: list[tuple[str, Callable[[], str | None]]] = [
     ("right secret, wrong audience", lambda: fleet_jwt(SECRET, aud="livedge")),
     ("right secret, no audience", lambda: fleet_jwt(SECRET, aud=None)),
     ("right secret, expired", lambda: fleet_jwt(SECRET, exp=int(time.time()) - 60)),
+    ("right secret, no expiry", lambda: fleet_jwt(SECRET, exp=None)),
+    ("right secret, a worker's audience", lambda: fleet_jwt(SECRET, aud="livedge-worker")),
     ("right secret, hs512", lambda: jwt.encode({"aud": "livedge-fleet",
                                                 "exp": int(time.time()) + 60}, SECRET,
                                                algorithm="HS512")),

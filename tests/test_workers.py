@@ -14,12 +14,12 @@ import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load import child_pids, worker_answers
+from edge.metrics import MERGED_REUSE_SECONDS
 from edge.peer_api import FLEET_HEADER, FleetCredential
 from edge.tokens import Scope, issue_token
-from tests.nodes import TEST_SECRET, RunningNode, running_node
+from tests.nodes import TEST_SECRET, RunningNode, running_node, scrape
 from tests.redis_server import redis_server
 from tests.test_deploy import tool
 from tests.test_fastlane import HINT, Http, newest_part, wait_for_demo
@@ -119,6 +119,19 @@ def test_a_worker_proxies_the_api_with_bodies_and_status_codes(node):
             http.close()
 
 
+def test_a_worker_forwards_the_path_as_the_client_encoded_it(node):
+    # Decoded, %3F became a query and %2F a path step: the main process routed another request.
+    by_process = connections_by_process(node.url)
+    try:
+        answers = {on_worker: http.get("/api/streams%3Fx=1",
+                                       headers=f"Authorization: Bearer {ADMIN}\r\n")[0]
+                   for on_worker, http in by_process.items()}
+    finally:
+        for http in by_process.values():
+            http.close()
+    assert answers == {False: 404, True: 404}
+
+
 def test_a_forged_client_address_header_is_never_trusted(node):
     for _ in range(16):  # both processes, whichever the kernel picks
         http = Http(node.url)
@@ -198,17 +211,6 @@ def test_peer_api_follows_do_not_count_against_the_per_address_request_limit(tmp
                 assert answer.status == 200
 
 
-def scrape(url: str) -> tuple[str, dict[tuple[str, tuple], float]]:
-    """The node's /metrics text, and its samples keyed (name, sorted labels)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as answer:
-        text = answer.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return text, samples
-
-
 def process_up(url: str, process: str) -> float | None:
     """``livedge_process_up`` of ``process``; None when the scrape's connection was reset (it
     reached a worker's listener as the worker died)."""
@@ -231,6 +233,7 @@ def test_one_scrape_counts_every_process_of_the_node(node, tmp_path):
         finally:
             http.close()
     assert answered_by_worker  # the worker's lane answered some
+    time.sleep(MERGED_REUSE_SECONDS)  # a scrape within a second is answered the same
     text, samples = scrape(node.url)
     assert samples[("livedge_process_up", (("process", "main"),))] == 1
     assert samples[("livedge_process_up", (("process", "worker-1"),))] == 1
