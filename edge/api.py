@@ -34,10 +34,12 @@ class NodeView(Protocol):
 class ApiRoutes:
     def __init__(self, node: NodeView, metrics: Metrics,
                  authorize: Callable[[web.Request, Scope, str | None], Claims],
-                 publishers: Callable[[], dict[str, object]] = dict) -> None:
+                 publishers: Callable[[], dict[str, object]] = dict,
+                 metrics_need_admin: bool = False) -> None:
         self._node = node
         self._metrics = metrics
         self._authorize = authorize
+        self._metrics_need_admin = metrics_need_admin  # METRICS_AUTH=admin
         self._publishers = publishers  # stream -> WebRTC publisher statistics (RTCP)
 
     def add_to(self, app: web.Application) -> None:
@@ -56,6 +58,8 @@ class ApiRoutes:
         return web.json_response({"ready": ready, **details}, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if self._metrics_need_admin:
+            self._authorize(request, Scope.ADMIN, None)
         return web.Response(body=await self._metrics.render_node(),
                             headers={"Content-Type": CONTENT_TYPE})
 

@@ -306,7 +306,8 @@ def build_app(settings: Settings, verifier: TokenVerifier | None = None,
     else:
         app.router.add_post("/api/reload", reload_handler)
         ApiRoutes(node, metrics, authorize,
-                  publishers=lambda: app[WHIP].stats() if WHIP in app else {}).add_to(app)
+                  publishers=lambda: app[WHIP].stats() if WHIP in app else {},
+                  metrics_need_admin=settings.metrics_auth == "admin").add_to(app)
         WebRoutes(node, PageSettings(settings.playback_auth == "token", settings.ws_port)
                   ).add_to(app)
     if ingests:

@@ -60,6 +60,7 @@ class Settings:
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     playback_auth: str = "open"  # "open" or "token"
+    metrics_auth: str = "open"  # "open", or "admin": /metrics wants an admin token (it names streams)
     log_level: str = "info"
     cache_memory: int = 512 * 1024 * 1024  # bytes
     cache_ttl_seconds: float = 3600.0
@@ -461,6 +462,7 @@ _FIELDS: dict[str, _Field] = {
     "jwt_audience": _Field("JWT_AUDIENCE", _optional_text),
     "jwt_issuer": _Field("JWT_ISSUER", _optional_text),
     "playback_auth": _Field("PLAYBACK_AUTH", _choice("open", "token")),
+    "metrics_auth": _Field("METRICS_AUTH", _choice("open", "admin")),
     "log_level": _Field("LOG_LEVEL", _choice("debug", "info", "warning", "error", "critical")),
     "cache_memory": _Field("CACHE_MEMORY", _byte_size),
     "cache_ttl_seconds": _Field("CACHE_TTL", _number(1)),

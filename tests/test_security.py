@@ -412,3 +412,19 @@ async def test_the_peer_api_answers_a_fleet_member(fleet_node):
     assert status == 400
     status, _, _ = await fetch(f"{fleet_node.url}/api/cluster")  # the operator view needs admin
     assert status == 401
+
+
+# -- /metrics names every stream -------------------------------------------------------------------
+
+async def test_metrics_auth_admin_keeps_the_metrics_to_admin_tokens(tmp_path):
+    admin = issue_token(TEST_SECRET, "HS256", Scope.ADMIN, "*", 60, "prometheus")
+    play = issue_token(TEST_SECRET, "HS256", Scope.PLAY, "*", 60, "viewer")
+    with running_node(tmp_path, "--demo", METRICS_AUTH="admin", PLAYBACK_AUTH="token",
+                      **NO_LIMITS) as node:
+        status, body, content_type = await fetch(f"{node.url}/metrics")
+        assert status == 401 and content_type == "application/json"
+        assert b"demo" not in body
+        assert (await fetch(f"{node.url}/metrics", bearer(play)))[0] == 403
+        status, body, _ = await fetch(f"{node.url}/metrics", bearer(admin))
+        assert status == 200 and b"livedge_streams_live" in body
+        assert (await fetch(f"{node.url}/healthz"))[0] == 200  # probes stay open
