@@ -235,6 +235,51 @@ def test_zero_leeway_rejects_just_expired():
         verifier.verify(token, Scope.PUBLISH, "cam-1")
 
 
+class Signatures:
+    """Counts the signature checks a verifier makes (PyJWT's own decode, called through)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.checked = 0
+        real = jwt.decode
+
+        def decode(*args, **kwargs):
+            self.checked += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(jwt, "decode", decode)
+
+
+def test_a_verified_token_is_remembered_and_still_expires(monkeypatch):
+    signatures = Signatures(monkeypatch)
+    now = [time.time()]
+    verifier = TokenVerifier(TokenSettings(secret=SECRET, leeway_seconds=5), clock=lambda: now[0])
+    token = jwt.encode(_payload(exp=int(now[0]) + 60), SECRET, algorithm="HS256")
+    for _ in range(5):
+        assert verifier.verify(token, Scope.PUBLISH, "cam-1").subject == "alice"
+    assert signatures.checked == 1
+    with pytest.raises(Forbidden):  # what it grants is still checked on every use
+        verifier.verify(token, Scope.PUBLISH, "other")
+    now[0] += 64  # within the leeway
+    assert verifier.verify(token, Scope.PUBLISH, "cam-1").subject == "alice"
+    now[0] += 2
+    with pytest.raises(Unauthorized, match="expired"):
+        verifier.verify(token, Scope.PUBLISH, "cam-1")
+
+
+def test_long_and_bad_tokens_are_checked_every_time(monkeypatch):
+    signatures = Signatures(monkeypatch)
+    verifier = TokenVerifier(TokenSettings(secret=SECRET))
+    long_token = jwt.encode(_payload(exp=int(time.time()) + 60, pad="x" * 2000), SECRET,
+                            algorithm="HS256")
+    bad = jwt.encode(_payload(exp=int(time.time()) + 60), "another-secret-" + "y" * 32,
+                     algorithm="HS256")
+    for _ in range(3):
+        verifier.verify(long_token, Scope.PUBLISH, "cam-1")
+        with pytest.raises(Unauthorized):
+            verifier.verify(bad, Scope.PUBLISH, "cam-1")
+    assert signatures.checked == 6
+
+
 def test_issue_token_with_audience_and_issuer_round_trips():
     verifier = TokenVerifier(TokenSettings(secret=SECRET, audience="livedge", issuer="ops"))
     token = issue_token(SECRET, "HS256", "play", "*", 60, "carol", audience="livedge", issuer="ops")
