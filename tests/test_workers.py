@@ -300,8 +300,9 @@ def test_a_worker_answers_new_parts_in_its_lane_reading_them_from_the_main_proce
 
 def test_a_dead_worker_is_restarted_and_the_node_keeps_serving(node):
     [worker] = child_pids(node.process.pid)
+    time.sleep(MERGED_REUSE_SECONDS)  # the next scrape is a fresh one
     os.kill(worker, signal.SIGKILL)
-    # Scrapes go on meanwhile, reporting the worker down.
+    # Scrapes go on meanwhile, reporting the worker down (for about a second: it restarts).
     until(lambda: process_up(node.url, "worker-1") == 0, 10, "the dead worker was scraped as up")
     until(lambda: child_pids(node.process.pid) not in ([], [worker]), 20,
           "the worker was not restarted")
