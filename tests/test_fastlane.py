@@ -26,6 +26,23 @@ def newest_part(body: bytes) -> tuple[int, int]:
     return max((int(msn), int(part)) for msn, part in PART.findall(body.decode()))
 
 
+def play_parts(http: "Http", playlist: bytes, count: int) -> list[tuple[dict[str, str], bytes]]:
+    """As a player does, ``count`` times on ``http``: a blocking reload for the part ``playlist``
+    hints, then the newest part listed. Every answer must be 200 from the lane (Server:
+    livedge); the parts' (headers, bytes) are returned."""
+    parts = []
+    for _ in range(count):
+        msn, part = (int(v) for v in HINT.search(playlist.decode()).groups())
+        status, headers, playlist = http.get(
+            f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
+        assert status == 200 and headers["server"] == "livedge"
+        msn, part = newest_part(playlist)
+        status, headers, data = http.get(f"/hls/demo/180p/part{msn}.{part}.m4s")
+        assert status == 200 and headers["server"] == "livedge", headers
+        parts.append((headers, data))
+    return parts
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory) -> RunningNode:
     with running_node(tmp_path_factory.mktemp("lane"), "--demo", HTTP_READ_TIMEOUT="1",

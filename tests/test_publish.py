@@ -7,9 +7,11 @@ frames, as the WHIP and WebSocket transports do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 import time
+from typing import AsyncIterator
 
 import av
 import pytest
@@ -155,13 +157,16 @@ async def test_publish_sessions_of_one_ipv6_64_count_as_one_address():
         await node.close()
 
 
-async def test_on_publish_webhook_can_reject_with_a_reason():
-    calls = []
+@contextlib.asynccontextmanager
+async def webhook_receiver(banned: str = "") -> AsyncIterator[tuple[str, list[dict]]]:
+    """A real HTTP endpoint on 127.0.0.1 for both hooks: its URL and the bodies it received. It
+    rejects publishing ``banned``."""
+    calls: list[dict] = []
 
     async def hook(request: web.Request) -> web.Response:
         body = await request.json()
         calls.append(body)
-        if body["action"] == "publish" and body["stream"] == "banned":
+        if body["action"] == "publish" and body["stream"] == banned:
             return web.json_response({"message": "stream key revoked"}, status=403)
         return web.json_response({})
 
@@ -171,56 +176,49 @@ async def test_on_publish_webhook_can_reject_with_a_reason():
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}/hook"
-    node = Node(settings(), MemoryCache(64 * 1024 * 1024))
-    webhooks = Webhooks(url, url)
-    publishing = Publishing(node, webhooks)
     try:
-        with pytest.raises(Forbidden, match="stream key revoked"):
-            await publishing.begin("banned", claims(), "10.0.0.1", "test")
-        assert node.live_stream("banned") is None
-        ok = await publishing.begin("fine", claims(), "10.0.0.1", "test")
-        await publishing.end(ok)
-        await webhooks.close()
-        assert [c["action"] for c in calls] == ["publish", "publish", "unpublish"]
-        assert calls[-1]["stream"] == "fine" and calls[-1]["subject"] == "alice"
-        assert calls[-1]["reason"] == "publisher left"
+        yield f"http://127.0.0.1:{port}/hook", calls
     finally:
-        await publishing.close()
-        await node.close()
         await runner.cleanup()
+
+
+async def test_on_publish_webhook_can_reject_with_a_reason():
+    async with webhook_receiver(banned="banned") as (url, calls):
+        node = Node(settings(), MemoryCache(64 * 1024 * 1024))
+        webhooks = Webhooks(url, url)
+        publishing = Publishing(node, webhooks)
+        try:
+            with pytest.raises(Forbidden, match="stream key revoked"):
+                await publishing.begin("banned", claims(), "10.0.0.1", "test")
+            assert node.live_stream("banned") is None
+            ok = await publishing.begin("fine", claims(), "10.0.0.1", "test")
+            await publishing.end(ok)
+            await webhooks.close()
+            assert [c["action"] for c in calls] == ["publish", "publish", "unpublish"]
+            assert calls[-1]["stream"] == "fine" and calls[-1]["subject"] == "alice"
+            assert calls[-1]["reason"] == "publisher left"
+        finally:
+            await publishing.close()
+            await node.close()
 
 
 async def test_on_unpublish_is_told_of_every_end_takeovers_and_shutdown_included():
-    calls = []
-
-    async def hook(request: web.Request) -> web.Response:
-        calls.append(await request.json())
-        return web.json_response({})
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}/hook"
-    node = Node(settings(), MemoryCache(64 * 1024 * 1024))
-    webhooks = Webhooks(None, url)
-    publishing = Publishing(node, webhooks)
-    try:
-        first = await publishing.begin("cam", claims("alice"), "10.0.0.1", "test")
-        await publishing.begin("cam", claims("bob", takeover=True), "10.0.0.2", "test")
-        await publishing.end(first)  # its publisher's session ends later: nothing more to tell
-        await publishing.close()  # shutdown ends bob's
-        await webhooks.close()
-        assert [(c["action"], c["subject"], c["address"], c["reason"]) for c in calls] == [
-            ("unpublish", "alice", "10.0.0.1", "taken over by a new publisher"),
-            ("unpublish", "bob", "10.0.0.2", "the node is shutting down")]
-    finally:
-        await publishing.close()
-        await node.close()
-        await runner.cleanup()
+    async with webhook_receiver() as (url, calls):
+        node = Node(settings(), MemoryCache(64 * 1024 * 1024))
+        webhooks = Webhooks(None, url)
+        publishing = Publishing(node, webhooks)
+        try:
+            first = await publishing.begin("cam", claims("alice"), "10.0.0.1", "test")
+            await publishing.begin("cam", claims("bob", takeover=True), "10.0.0.2", "test")
+            await publishing.end(first)  # its publisher's session ends later: nothing more to tell
+            await publishing.close()  # shutdown ends bob's
+            await webhooks.close()
+            assert [(c["action"], c["subject"], c["address"], c["reason"]) for c in calls] == [
+                ("unpublish", "alice", "10.0.0.1", "taken over by a new publisher"),
+                ("unpublish", "bob", "10.0.0.2", "the node is shutting down")]
+        finally:
+            await publishing.close()
+            await node.close()
 
 
 class GatedCloseTranscoder(LadderTranscoder):

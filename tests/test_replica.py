@@ -27,7 +27,7 @@ from origin.rendition import Readiness
 from origin.wire import decode_event, encode_event
 from tests.nodes import running_node, scrape
 from tests.redis_server import RedisServer, redis_server
-from tests.test_fastlane import HINT, Http, newest_part, wait_for_demo
+from tests.test_fastlane import Http, play_parts, wait_for_demo
 from tests.test_live import encode_video
 
 pytestmark = pytest.mark.timeout(60)
@@ -596,15 +596,9 @@ def test_a_reader_keeps_its_viewers_in_the_fast_lane_when_memory_misses(tmp_path
         try:
             status, headers, body = viewer.get("/hls/demo/180p/index.m3u8")
             assert status == 200 and headers["server"] == "livedge"
-            for _ in range(4):  # as a player does: wait for the next part, then fetch it
-                msn, part = (int(v) for v in HINT.search(body.decode()).groups())
-                status, headers, body = viewer.get(
-                    f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
-                assert status == 200 and headers["server"] == "livedge"
-                msn, part = newest_part(body)
-                status, headers, data = viewer.get(f"/hls/demo/180p/part{msn}.{part}.m4s")
-                assert status == 200 and headers["server"] == "livedge", headers
+            for _, data in play_parts(viewer, body, 4):
                 assert data[4:8] in (b"styp", b"moof")
+            body = viewer.get("/hls/demo/180p/index.m3u8")[2]
             # An init segment of a format the window never had is not looked for in Redis.
             misses = ("livedge_tier_misses_total", (("tier", "redis"),))
             before = scrape(reader.url)[1][misses]

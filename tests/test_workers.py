@@ -22,7 +22,7 @@ from edge.tokens import Scope, issue_token
 from tests.nodes import TEST_SECRET, RunningNode, running_node, scrape
 from tests.redis_server import redis_server
 from tests.test_deploy import tool
-from tests.test_fastlane import HINT, Http, newest_part, wait_for_demo
+from tests.test_fastlane import HINT, Http, newest_part, play_parts, wait_for_demo
 from tests.test_fleet import fleet
 
 ADMIN = issue_token(TEST_SECRET, "HS256", Scope.ADMIN, None, 86400, "ops")
@@ -283,14 +283,7 @@ def test_a_worker_answers_new_parts_in_its_lane_reading_them_from_the_main_proce
     read_through = ("livedge_fast_lane_read_through_total", (("process", "worker-1"),))
     before = scrape(node.url)[1][read_through]
     try:
-        for _ in range(4):
-            msn, part = (int(v) for v in HINT.search(body.decode()).groups())
-            status, headers, body = viewer.get(
-                f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
-            assert status == 200 and headers["server"] == "livedge"
-            msn, part = newest_part(body)
-            status, headers, data = viewer.get(f"/hls/demo/180p/part{msn}.{part}.m4s")
-            assert status == 200 and headers["server"] == "livedge", headers
+        for headers, _ in play_parts(viewer, body, 4):
             assert headers["x-request-id"][:8] != main_prefix
     finally:
         viewer.close()
