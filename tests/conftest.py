@@ -12,6 +12,16 @@ import pytest
 from ingest.media import AUDIO_SAMPLE_RATE, VIDEO_TIMESCALE, TrackInfo, TrackKind
 
 
+class Clock:
+    """A clock the test moves by hand (``now``), for cores that take their clock as a parameter."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -20,6 +20,7 @@ from edge.config import load_settings
 from edge.limits import (AddressLimits, LimitSettings, Refusal, client_key, presents_credential,
                          server_handler_args)
 from edge.tokens import Scope, issue_token
+from tests.conftest import Clock
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,16 +28,6 @@ pytestmark = pytest.mark.timeout(120)
 READ_TIMEOUT = 2.0  # HTTP_READ_TIMEOUT of the test node, seconds
 LOCKOUT = 2.0  # AUTH_LOCKOUT of the test node, seconds
 MAX_REQUESTS = 8  # MAX_REQUESTS_PER_ADDRESS of the test node
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- the core ---------------------------------------------------------------------------------------

@@ -15,14 +15,7 @@ from edge.cache import MemoryCache
 from edge.hls import HlsCounters
 from edge.limits import AddressLimits, LimitSettings
 from edge.metrics import Metrics, merge_processes
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Clock
 
 
 class Snapshots:

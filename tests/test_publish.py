@@ -245,16 +245,24 @@ def gated_close(monkeypatch):
     Gated.gate.set()  # never leave a close thread blocked
 
 
+async def end_held_in_its_close(publishing: Publishing,
+                                gated_close) -> tuple[object, asyncio.Task]:
+    """Publish ``cam``, then end it: the end is left held inside its transcoder close. The
+    stream, and the task of the end."""
+    first = await publishing.begin("cam", claims(), "10.0.0.1", "test")
+    stream = publishing._node.live_stream("cam")
+    ending = asyncio.create_task(publishing.end(first))
+    assert await asyncio.to_thread(gated_close.closing.wait, 10)
+    return stream, ending
+
+
 async def test_a_publisher_returning_while_the_last_close_runs_waits_and_continues(
         publishing, gated_close):
     # Issue #8: end() used to drop the publication, then await the transcoder close, and only then
     # start the grace period; a publisher reconnecting in between (the WebSocket closes before end()
     # runs) found the stream neither published nor in grace and got 409 "already live here".
     node = publishing._node
-    first = await publishing.begin("cam", claims(), "10.0.0.1", "test")
-    stream = node.live_stream("cam")
-    ending = asyncio.create_task(publishing.end(first))
-    assert await asyncio.to_thread(gated_close.closing.wait, 10)
+    stream, ending = await end_held_in_its_close(publishing, gated_close)
     returning = asyncio.create_task(publishing.begin("cam", claims(), "10.0.0.1", "test"))
     for _ in range(20):  # let it run as far as it can while the close is held
         await asyncio.sleep(0)
@@ -277,10 +285,7 @@ async def test_an_end_whose_caller_is_cancelled_still_starts_the_grace_period(
     # away, the server is closing it): before, the end stopped there and the stream stayed live,
     # without publisher or grace period, forever.
     node = publishing._node
-    first = await publishing.begin("cam", claims(), "10.0.0.1", "test")
-    stream = node.live_stream("cam")
-    ending = asyncio.create_task(publishing.end(first))
-    assert await asyncio.to_thread(gated_close.closing.wait, 10)
+    stream, ending = await end_held_in_its_close(publishing, gated_close)
     ending.cancel()
     with pytest.raises(asyncio.CancelledError):
         await ending

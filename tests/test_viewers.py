@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from edge.viewers import MAX_CLIENT_CHARS, ViewerTracker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Clock
 
 
 def test_distinct_clients_are_counted_within_the_window():
