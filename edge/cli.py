@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 
 from edge.config import ConfigError, Settings, load_settings
-from edge.tokens import KeyLoadError, Scope, issue_token
+from edge.tokens import DEFAULT_AUDIENCE, KeyLoadError, Scope, issue_token
 
 log = logging.getLogger("livedge")
 
@@ -78,7 +78,7 @@ def _token(args: argparse.Namespace) -> int:
             return 2
     scopes = [Scope(scope) for scope in args.scope.replace(",", " ").split()]
     print(issue_token(key, algorithm, scopes, args.stream, args.ttl, args.sub,
-                      audience=os.environ.get("JWT_AUDIENCE"), issuer=os.environ.get("JWT_ISSUER")))
+                      audience=os.environ.get("JWT_AUDIENCE") or DEFAULT_AUDIENCE, issuer=os.environ.get("JWT_ISSUER")))
     return 0
 
 

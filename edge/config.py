@@ -19,6 +19,7 @@ from typing import Any
 
 from edge.errors import BadRequest
 from edge.names import validate_rendition_name, validate_stream_name
+from edge.tokens import DEFAULT_AUDIENCE
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Settings:
     jwt_secret: str | None = None
     jwt_public_key_file: str | None = None
     jwks_file: str | None = None
-    jwt_audience: str | None = None
+    jwt_audience: str = DEFAULT_AUDIENCE  # the aud every token must carry
     jwt_issuer: str | None = None
     playback_auth: str = "open"  # "open" or "token"
     metrics_auth: str = "open"  # "open", or "admin": /metrics wants an admin token (it names streams)
@@ -459,7 +460,7 @@ _FIELDS: dict[str, _Field] = {
     "jwt_secret": _Field("JWT_SECRET", _jwt_secret),
     "jwt_public_key_file": _Field("JWT_PUBLIC_KEY", _optional_text),
     "jwks_file": _Field("JWKS_FILE", _optional_text),
-    "jwt_audience": _Field("JWT_AUDIENCE", _optional_text),
+    "jwt_audience": _Field("JWT_AUDIENCE", _text),
     "jwt_issuer": _Field("JWT_ISSUER", _optional_text),
     "playback_auth": _Field("PLAYBACK_AUTH", _choice("open", "token")),
     "metrics_auth": _Field("METRICS_AUTH", _choice("open", "admin")),

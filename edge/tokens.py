@@ -9,8 +9,10 @@ Pure: the only I/O is reading key files in ``TokenVerifier.from_files``. The rul
 * ``kid`` is only ever a dictionary key. When any configured key has a ``kid`` (a JWKS), a token's
   ``kid`` must name one of them. When none has (a bare secret or PEM), ``kid`` is ignored and every key
   of the token's algorithm is tried.
-* ``exp`` is required; ``nbf``/``iat`` are honoured with ``leeway_seconds`` of clock skew; ``aud`` and
-  ``iss`` are checked when configured.
+* ``exp`` and ``aud`` are required: ``aud`` must name the configured audience (``livedge`` unless
+  ``JWT_AUDIENCE`` says otherwise), so a token a shared key signed for another service is refused.
+  ``nbf``/``iat`` are honoured with ``leeway_seconds`` of clock skew; ``iss`` is checked when
+  configured.
 * Claims: ``scope`` (space-separated string or list of ``publish``/``play``/``admin``; other values are
   ignored), ``stream`` (an exact name or an fnmatch pattern such as ``cam-*``). ``admin`` implies
   ``publish`` and ``play``. A token without ``stream`` covers no stream unless it is an admin token.
@@ -54,6 +56,7 @@ class KeyLoadError(ValueError):
 
 
 HMAC_ALGORITHM = "HS256"
+DEFAULT_AUDIENCE = "livedge"  # the ``aud`` every token must carry unless JWT_AUDIENCE names another
 ASYMMETRIC_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 
 
@@ -68,7 +71,7 @@ class TokenSettings:
 
     secret: str | None
     public_keys: tuple[str | Mapping[str, Any], ...] = ()
-    audience: str | None = None
+    audience: str = DEFAULT_AUDIENCE
     issuer: str | None = None
     leeway_seconds: float = 5
     max_token_bytes: int = 8192
@@ -210,7 +213,7 @@ class TokenVerifier:
         secret: str | None,
         public_key_file: str | None,
         jwks_file: str | None,
-        audience: str | None = None,
+        audience: str = DEFAULT_AUDIENCE,
         issuer: str | None = None,
         *,
         leeway_seconds: float = 5,
@@ -316,8 +319,7 @@ class TokenVerifier:
     ) -> dict[str, Any]:
         settings = self.settings
         options = {
-            "require": ["exp"],
-            "verify_aud": settings.audience is not None,
+            "require": ["exp", "aud"],
             "verify_iss": settings.issuer is not None,
         }
         for key in candidates:
@@ -386,7 +388,7 @@ def issue_token(
     stream: str | None,
     ttl_seconds: float,
     subject: str | None,
-    audience: str | None = None,
+    audience: str = DEFAULT_AUDIENCE,
     issuer: str | None = None,
     *,
     key_id: str | None = None,
@@ -410,8 +412,7 @@ def issue_token(
         payload["sub"] = subject
     if stream is not None:
         payload["stream"] = stream
-    if audience is not None:
-        payload["aud"] = audience
+    payload["aud"] = audience
     if issuer is not None:
         payload["iss"] = issuer
     headers = {"kid": key_id} if key_id is not None else None

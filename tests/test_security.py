@@ -14,6 +14,8 @@ import hmac
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -412,6 +414,26 @@ async def test_the_peer_api_answers_a_fleet_member(fleet_node):
     assert status == 400
     status, _, _ = await fetch(f"{fleet_node.url}/api/cluster")  # the operator view needs admin
     assert status == 401
+
+
+# -- the audience every token must name --------------------------------------------------------------
+
+async def test_a_node_without_jwt_audience_still_wants_tokens_for_livedge(fleet_node):
+    """The right secret is not enough: a token signed with it for another service (a secret shared
+    with an identity provider), or for no service, is refused by a node with default settings."""
+    minted = subprocess.run([sys.executable, "-m", "edge.cli", "token", "--scope", "admin",
+                             "--stream", "*", "--ttl", "60"], capture_output=True, text=True,
+                            check=True, env={**os.environ, "JWT_SECRET": TEST_SECRET}).stdout
+    assert jwt.decode(minted.strip(), options={"verify_signature": False})["aud"] == "livedge"
+    assert (await fetch(f"{fleet_node.url}/api/streams", bearer(minted.strip())))[0] == 200
+    now = int(time.time())
+    for audience, reason in [(None, "lacks the aud claim"), ("grafana", "audience not accepted"),
+                             (["grafana", "vault"], "audience not accepted")]:
+        payload = {"scope": "admin", "stream": "*", "sub": "ops", "exp": now + 60, "aud": audience}
+        token = jwt.encode({k: v for k, v in payload.items() if v is not None}, TEST_SECRET,
+                           algorithm="HS256")
+        status, body, _ = await fetch(f"{fleet_node.url}/api/streams", bearer(token))
+        assert status == 401 and reason in json.loads(body)["message"], (audience, body)
 
 
 # -- /metrics names every stream -------------------------------------------------------------------

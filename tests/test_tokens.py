@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from edge.errors import Forbidden, Unauthorized
 from edge.tokens import (
+    DEFAULT_AUDIENCE,
     Claims,
     KeyLoadError,
     Scope,
@@ -89,7 +90,8 @@ def _hand_signed_rs256(header: dict, payload: dict, private_pem: str) -> str:
 
 
 def _payload(**overrides) -> dict:
-    payload = {"sub": "alice", "exp": int(time.time()) + 300, "scope": "publish", "stream": "cam-1"}
+    payload = {"sub": "alice", "exp": int(time.time()) + 300, "scope": "publish", "stream": "cam-1",
+               "aud": DEFAULT_AUDIENCE}
     payload.update(overrides)
     return {key: value for key, value in payload.items() if value is not None}
 
@@ -191,20 +193,24 @@ TIME_CLAIMS = ("exp", "nbf", "iat")
 
 TIME_AND_AUDIENCE_CASES = [
     # (description, payload overrides, verifier audience, verifier issuer, expected error or None)
-    ("expired", {"exp": -60}, None, None, "expired"),
-    ("expired within leeway", {"exp": -2}, None, None, None),
-    ("nbf in the future", {"nbf": 60}, None, None, "not yet valid"),
-    ("nbf within leeway", {"nbf": 2}, None, None, None),
-    ("iat in the future", {"iat": 60}, None, None, "not yet valid"),
-    ("no exp", {"exp": None}, None, None, "exp"),
-    ("right audience", {"aud": "livedge"}, "livedge", None, None),
-    ("audience list", {"aud": ["other", "livedge"]}, "livedge", None, None),
-    ("wrong audience", {"aud": "other"}, "livedge", None, "audience"),
-    ("missing audience", {}, "livedge", None, "aud"),
-    ("right issuer", {"iss": "https://idp"}, None, "https://idp", None),
-    ("wrong issuer", {"iss": "https://evil"}, None, "https://idp", "issuer"),
-    ("missing issuer", {}, None, "https://idp", "iss"),
-    ("audience and issuer", {"aud": "livedge", "iss": "https://idp"}, "livedge", "https://idp", None),
+    ("expired", {"exp": -60}, DEFAULT_AUDIENCE, None, "expired"),
+    ("expired within leeway", {"exp": -2}, DEFAULT_AUDIENCE, None, None),
+    ("nbf in the future", {"nbf": 60}, DEFAULT_AUDIENCE, None, "not yet valid"),
+    ("nbf within leeway", {"nbf": 2}, DEFAULT_AUDIENCE, None, None),
+    ("iat in the future", {"iat": 60}, DEFAULT_AUDIENCE, None, "not yet valid"),
+    ("no exp", {"exp": None}, DEFAULT_AUDIENCE, None, "exp"),
+    ("default audience", {}, DEFAULT_AUDIENCE, None, None),
+    ("no audience, default expected", {"aud": None}, DEFAULT_AUDIENCE, None, "aud"),
+    ("another service's audience", {"aud": "grafana"}, DEFAULT_AUDIENCE, None, "audience"),
+    ("right audience", {"aud": "studio"}, "studio", None, None),
+    ("audience list", {"aud": ["other", "studio"]}, "studio", None, None),
+    ("wrong audience", {"aud": "other"}, "studio", None, "audience"),
+    ("the default where another is configured", {}, "studio", None, "audience"),
+    ("missing audience", {"aud": None}, "studio", None, "aud"),
+    ("right issuer", {"iss": "https://idp"}, DEFAULT_AUDIENCE, "https://idp", None),
+    ("wrong issuer", {"iss": "https://evil"}, DEFAULT_AUDIENCE, "https://idp", "issuer"),
+    ("missing issuer", {}, DEFAULT_AUDIENCE, "https://idp", "iss"),
+    ("audience and issuer", {"aud": "studio", "iss": "https://idp"}, "studio", "https://idp", None),
 ]
 
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edge.config import load_settings
-from edge.tokens import Scope, issue_token
+from edge.tokens import DEFAULT_AUDIENCE, Scope, issue_token
 from edge.whip import HANDSHAKE_TIMEOUT_ENV, WhipRoutes, ice_server_link
 from ingest.webrtc import (ACCEPTED_CODECS, IceServer, WebRtcSettings, answer_candidates,
                            negotiated_codecs)
@@ -215,6 +215,7 @@ async def test_a_takeover_token_evicts_the_live_publisher(node):
     stream = "handover"
     first, second = await open_client("VP8"), await open_client("VP8")
     takeover = jwt.encode({"scope": "publish", "stream": stream, "sub": "tester",
+                           "aud": DEFAULT_AUDIENCE,
                            "exp": int(time.time()) + 60, "takeover": True}, TEST_SECRET, "HS256")
     try:
         async with aiohttp.ClientSession() as http:

@@ -23,7 +23,7 @@ from edge.cache import MemoryCache
 from edge.config import load_settings
 from edge.node import Node
 from edge.publish import Publishing
-from edge.tokens import Scope, TokenSettings, TokenVerifier, issue_token
+from edge.tokens import DEFAULT_AUDIENCE, Scope, TokenSettings, TokenVerifier, issue_token
 from edge.webhooks import Webhooks
 from edge.ws_ingest import BitrateMeter, IngestLimits, WebSocketIngest
 from tests.nodes import TEST_SECRET, RunningNode, running_node
@@ -393,7 +393,8 @@ async def test_a_second_publisher_of_a_live_stream_is_closed_1008(node):
 async def test_a_takeover_closes_the_old_publisher_with_1008(node):
     data = encode_test_media("mpegts", "libx264", "aac", seconds=3)
     takeover = jwt.encode({"scope": "publish", "stream": "ws-takeover", "takeover": True,
-                           "exp": int(time.time()) + 60, "sub": "tester"}, TEST_SECRET, "HS256")
+                           "aud": DEFAULT_AUDIENCE, "exp": int(time.time()) + 60, "sub": "tester"},
+                          TEST_SECRET, "HS256")
     async with demo_unaffected(node), ingest(node, "ws-takeover") as first:
         sending = asyncio.create_task(send_paced(first, data, 3))
         await asyncio.sleep(1)
