@@ -15,6 +15,9 @@ Three parts, each usable alone:
 * ``ContainerDemuxer``: opens the reader with PyAV in the calling thread (the caller starts one)
   with a small probe, so decoding starts after a few KiB rather than FFmpeg's default 5 MB / 5 s,
   and decodes into a frame consumer (a ``LadderTranscoder``), paced to the media clock by default.
+  The clock starts when the first bytes arrived: the media that came in while the input was being
+  opened is decoded at once, so the time opening took is not kept as latency for the whole
+  publish.
 
 The frame rate a consumer is told (``decide_frame_rate``) is measured from the first decoded
 frames' timestamps, not taken from FFmpeg's guess at opening: a small probe holds less than one
@@ -125,6 +128,7 @@ class ByteStreamReader:
         self._changed = threading.Condition()
         self.bytes_fed = 0
         self.bytes_read = 0
+        self.first_byte_at: float | None = None  # time.monotonic() of the first byte fed
 
     @property
     def buffered(self) -> int:
@@ -141,6 +145,8 @@ class ByteStreamReader:
             if self._ended or self._aborted:
                 return False
             if data:
+                if self.first_byte_at is None:
+                    self.first_byte_at = time.monotonic()
                 self._chunks.append(bytes(data))
                 self._buffered += len(data)
                 self.bytes_fed += len(data)
@@ -380,7 +386,9 @@ class ContainerDemuxer:
             if container.streams.video:
                 self._consumer.hold_for_frame_rate(
                     nominal_frame_rates(container.streams.video[0]))
-            pacer = Pacer(self._unpaced) if self._realtime else None
+            # Paced from when the first bytes arrived, not from the first packet: what arrived
+            # while FFmpeg probed (32 KiB: most of a second of a browser's WebM) goes at once.
+            pacer = Pacer(self._unpaced, self.reader.first_byte_at) if self._realtime else None
             frames = pump(container, self._consumer, pacer, self._stop)
             self._consumer.release()  # an input shorter than the frames held back
         except (av.FFmpegError, SourceError) as exc:

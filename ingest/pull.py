@@ -250,22 +250,33 @@ def pump(container: av.container.InputContainer, consumer: FrameConsumer, pacer:
 
 
 class Pacer:
-    """Holds the decode thread back so media time advances no faster than wall time (``-re``)."""
+    """Holds the decode thread back so media time advances no faster than wall time (``-re``).
 
-    def __init__(self, stop: threading.Event) -> None:
+    ``arrived_at`` (``time.monotonic()``): when the input's first bytes arrived, for an input that
+    is opened after it started arriving (a publisher's byte stream). The clock then starts there,
+    and the media that arrived while the input was opened is let through at once, as late as it
+    is, instead of being spread out and keeping that delay for good."""
+
+    def __init__(self, stop: threading.Event, arrived_at: float | None = None) -> None:
         self._stop = stop
+        self._arrived_at = arrived_at
         self._origin: float | None = None  # monotonic time of media time 0
+        self._forgiven = 0.0  # lateness let through without re-anchoring (the opening's)
 
     def wait(self, media_time: float) -> None:
         """Return when ``media_time`` (seconds) is due, or at once if the clock jumped, or on stop."""
         now = time.monotonic()
         if self._origin is None:
-            self._origin = now - media_time
+            started = now if self._arrived_at is None else min(self._arrived_at, now)
+            self._origin = started - media_time
+            self._forgiven = now - started
             return
         delay = self._origin + media_time - now
-        if delay > MAX_PACING_WAIT or delay < -MAX_PACING_WAIT:  # a jump (loop, gap) or a stall
-            self._origin = now - media_time
+        if delay > MAX_PACING_WAIT or delay < -(MAX_PACING_WAIT + self._forgiven):
+            self._origin = now - media_time  # a jump (loop, gap) or a stall
+            self._forgiven = 0.0
         elif delay > 0:
+            self._forgiven = 0.0  # caught up with the opening's backlog
             self._stop.wait(delay)
 
 

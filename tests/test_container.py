@@ -184,10 +184,14 @@ def test_a_read_blocks_until_bytes_arrive():
     thread = threading.Thread(target=lambda: got.append(reader.read(10)))
     thread.start()
     time.sleep(0.1)
-    assert thread.is_alive() and not got
+    assert thread.is_alive() and not got and reader.first_byte_at is None
+    fed_at = time.monotonic()
     reader.feed(b"hello")
     thread.join(2)
     assert got == [b"hello"]
+    reader.feed(b"later")
+    # The demuxer's pacing starts there (ingest.pull.Pacer's arrived_at).
+    assert fed_at <= reader.first_byte_at <= fed_at + 0.05
 
 
 def test_end_of_input_returns_the_rest_then_eof():

@@ -11,7 +11,7 @@ import pytest
 
 from ingest.ladder import RungSpec
 from ingest.media import EncodedSample, TrackInfo
-from ingest.pull import (Backoff, PullSource, SourceState, is_live_input, network_options,
+from ingest.pull import (Backoff, Pacer, PullSource, SourceState, is_live_input, network_options,
                          redact)
 from ingest.transcoder import LadderTranscoder
 
@@ -290,3 +290,37 @@ def test_files_and_lavfi_are_not_live_rtsp_is(media_file):
         assert is_live_input("rtsp://cam/stream", container)
     with av.open("testsrc2=duration=1", format="lavfi") as container:
         assert not is_live_input("testsrc2=duration=1", container)
+
+
+# -- pacing to the media clock -------------------------------------------------------------------
+
+def paced(pacer: Pacer, media_time: float) -> float:
+    """Seconds ``pacer.wait(media_time)`` held the caller."""
+    started = time.monotonic()
+    pacer.wait(media_time)
+    return time.monotonic() - started
+
+
+def test_a_pacer_holds_media_to_the_wall_clock():
+    pacer = Pacer(threading.Event())
+    assert paced(pacer, 10.0) < 0.05  # the first packet starts the clock
+    assert 0.25 <= paced(pacer, 10.3) <= 0.6
+
+
+def test_a_pacer_lets_through_at_once_what_arrived_while_the_input_opened():
+    """A publisher's bytes began arriving 0.7 s before the first packet came out of the opening
+    (FFmpeg's probe): that media is late already and goes at once; pacing from the first packet
+    instead kept those 0.7 s as latency for the whole publish (bench/README.md, glass to glass)."""
+    pacer = Pacer(threading.Event(), arrived_at=time.monotonic() - 0.7)
+    assert sum(paced(pacer, media_time) for media_time in (0.0, 0.3, 0.6)) < 0.1
+    assert 0.1 <= paced(pacer, 0.9) <= 0.45  # then the clock from the first bytes' arrival
+
+
+def test_a_pacer_re_anchors_after_a_stall_once_it_has_caught_up():
+    pacer = Pacer(threading.Event(), arrived_at=time.monotonic() - 0.5)
+    paced(pacer, 0.0)
+    assert paced(pacer, 0.55) > 0  # caught up with the opening's backlog
+    time.sleep(1.3)  # the input stalls longer than MAX_PACING_WAIT
+    assert paced(pacer, 0.6) < 0.05
+    # Re-anchored: what follows is paced from here, the stall kept rather than raced through.
+    assert 0.25 <= paced(pacer, 0.9) <= 0.6
