@@ -13,7 +13,8 @@ Threads (PERF-NOTES, "Ladder transcode"):
   worker has handed over its earlier output.
 
 Segment alignment: the producer decides ONCE per source frame whether it starts a segment (the first
-frame at or after the next multiple of ``segment_duration`` on the output clock) and every rung forces
+frame at or after the next multiple of ``segment_duration`` on the output clock, where a frame less
+than half an interval before it is moved onto it) and every rung forces
 that frame to an IDR (``pict_type = I`` with x264's ``forced-idr``), so all rungs cut at the same pts.
 x264's own ``keyint`` is set to twice the segment length as a backstop only: were it equal to the
 segment length, a rung that dropped a frame (or a variable frame rate) would make x264 place an IDR of
@@ -172,9 +173,17 @@ class LadderTranscoder:
         self._last_video_source = source_time
         output_time = self._timeline.map("video", source_time, interval)
         pts = max(round(output_time * VIDEO_TIMESCALE), self._last_video_pts + 1)
+        passing_through = self._passthrough and self._source is not None \
+            and self._source.track is not None
+        if not passing_through and pts < self._next_boundary \
+                <= pts + round(interval * VIDEO_TIMESCALE / 2):
+            # The frame nearest the grid point starts the segment, on it. One a few ms early (a
+            # browser's millisecond timestamps) ends past the grid point, so the packager closes
+            # the last part before it: it would make a one-frame part before an IDR one frame late.
+            pts = self._next_boundary
         self._last_video_pts = pts
         boundary = self._force_boundary or pts >= self._next_boundary
-        if self._passthrough and self._source is not None and self._source.track is not None:
+        if passing_through:
             boundary = boundary and frame.key_frame  # only where the source itself can cut
         if boundary:
             self._force_boundary = False

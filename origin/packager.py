@@ -10,7 +10,9 @@ Cutting rules, shared by every track so renditions stay aligned:
   IDR frames on the grid, so every rung cuts at the same instant). An audio segment starts with the
   first frame that would cross the grid end.
 - A part closes before a sample that would end past the part's grid end, and as soon as a sample
-  reaches it, so a part is ready the moment its last sample arrives.
+  reaches it, so a part is ready the moment its last sample arrives. A video frame that straddles
+  the segment's grid end is the exception: it ends the segment's last part (within PART-TARGET),
+  rather than making a one-frame part before the next segment's IDR.
 - After a discontinuity (a republish or reconnect) every track resumes at the next segment grid point
   after the furthest track, with one shared offset, so audio and video stay in sync.
 """
@@ -189,7 +191,13 @@ class TrackPackager:
             self._close_part(events)
             self._close_segment(events)
             self._open_segment(self._grid_anchor(sample), wall_anchor, events)
-        if self._part_samples and (end > self._part_grid_end + self._tolerance
+        # A video frame that straddles the segment's grid end stays in the last part: the
+        # frame after it is the IDR that starts the next segment (the transcoder puts it on or
+        # just after the grid), so a part cut before it would hold that one frame alone.
+        straddles_segment_end = self._is_video and self._part_grid_end == self._segment_grid_end \
+            and start + self._tolerance < self._segment_grid_end
+        if self._part_samples and ((end > self._part_grid_end + self._tolerance
+                                    and not straddles_segment_end)
                                    or end - self._part_samples[0].dts > self._longest_part):
             self._close_part(events)
             self._part_grid_end = self._next_part_boundary(self._part_grid_end)

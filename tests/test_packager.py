@@ -80,6 +80,21 @@ def test_video_durations_come_from_the_next_frame_so_parts_have_no_gaps(video_tr
         assert elapsed in starts
 
 
+def test_a_frame_straddling_the_segment_end_closes_its_last_part(video_track):
+    """Frame 59 starts 24 ms before the 2 s grid point and frame 60, the IDR, 9 ms after it: frame
+    59 ends the segment's last part instead of making a fifth part of one frame (hls.js has been
+    seen to stall on such a part)."""
+    starts = [i * FRAME for i in range(59)] + [177_840] + [180_810 + i * FRAME for i in range(62)]
+    samples = [EncodedSample(t, t, FRAME, i in (0, 60), IDR if i in (0, 60) else NON_IDR)
+               for i, t in enumerate(starts)]
+    events = run(TrackPackager(video_track, SETTINGS), samples)
+    first = of(SegmentReady, events)[0]
+    assert first.part_count == 4 and first.duration == pytest.approx(180_810 / 90_000)
+    last_part = [p for p in of(PartReady, events) if p.msn == 0][-1]
+    assert last_part.duration == pytest.approx((180_810 - 135_000) / 90_000)  # 0.509 s
+    assert last_part.duration <= SETTINGS.part_target
+
+
 def test_video_waits_for_a_keyframe_to_start(video_track):
     packager = TrackPackager(video_track, SETTINGS)
     samples = list(video_samples(70))[10:]  # starts with 50 non-key frames

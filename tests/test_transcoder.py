@@ -148,6 +148,21 @@ async def test_every_rung_has_idr_frames_at_the_same_segment_boundaries():
     assert stats.last_error is None
 
 
+async def test_a_frame_just_before_a_grid_point_becomes_the_idr_on_it():
+    """A browser's millisecond timestamps put a frame a few ms before a segment's grid point: it is
+    the frame nearest the grid, so it starts the segment, moved onto the grid point. Left where it
+    was, the next frame became the IDR and the packager cut a part of the early frame alone."""
+    frames = [frame for frame in lavfi_frames(320, 180, 2.2, audio=False)]
+    for index, frame in enumerate(frames):  # 30 fps, on a 1 ms time base, jittered
+        frame.time_base = Fraction(1, 1000)
+        frame.pts = round(index * 1000 / 30) - (3 if index == 30 else 0)  # 997 ms, not 1000
+    sink = RecordingSink()
+    await transcode(sink, push_all(frames), rungs=RUNGS[1:])
+    samples = sink.samples(RUNGS[1].name)
+    assert keyframe_times(samples) == [0, 90_000, 180_000]
+    assert [s.pts for s in samples][29:32] == [87_030, 90_000, 92_970]  # 967, 1000, 1033 ms
+
+
 async def test_no_rung_is_upscaled():
     sink = RecordingSink()
     await transcode(sink, push_all(lavfi_frames(320, 180, 0.5, audio=False)),
