@@ -9,10 +9,15 @@ Cutting rules, shared by every track so renditions stay aligned:
 - A video segment starts only on a keyframe at or after the segment's grid end (the transcoder puts
   IDR frames on the grid, so every rung cuts at the same instant). An audio segment starts with the
   first frame that would cross the grid end.
-- A part closes before a sample that would end past the part's grid end, and as soon as a sample
-  reaches it, so a part is ready the moment its last sample arrives. A video frame that straddles
-  the segment's grid end is the exception: it ends the segment's last part (within PART-TARGET),
-  rather than making a one-frame part before the next segment's IDR.
+- An audio part closes before a sample that would end past the part's grid end, and as soon as a
+  sample reaches it, so a part is ready the moment its last sample arrives.
+- A video part boundary falls before the frame nearest the grid point: a part closes before a
+  frame that starts less than half a frame interval before its grid end (or later), and as soon as
+  the frame that ends there is known (durations come from the next frame). At the segment's grid
+  end only the IDR starts the next part (the transcoder puts it on the grid, or on the first frame
+  after it), so a frame that straddles the grid end closes the last part. Either way a video part
+  is at most half a frame off the grid at each end, never a one-frame sliver before an IDR that a
+  browser's millisecond timestamps placed a frame late.
 - After a discontinuity (a republish or reconnect) every track resumes at the next segment grid point
   after the furthest track, with one shared offset, so audio and video stay in sync.
 """
@@ -26,9 +31,10 @@ from ingest.media import EncodedSample, TrackInfo, TrackKind
 from origin import fmp4
 
 
-# Audio frames (1024 samples) do not divide the part grid, so a part may end one AAC frame past it;
-# PART-TARGET states that bound, and no part is ever cut longer than it.
-PART_TARGET_MARGIN = 1024 / 48_000
+# Audio frames (1024 samples) do not divide the part grid, so a part may end one AAC frame past it,
+# and a video part may start and end half a frame off it; PART-TARGET states the larger bound (a
+# frame at 24 fps or more), and no part is ever cut longer than it.
+PART_TARGET_MARGIN = max(1024 / 48_000, 1 / 24)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,7 @@ class TrackPackager:
         self._held: EncodedSample | None = None  # a sample whose duration the next dts will tell
         self._last_duration = round(track.timescale / (track.frame_rate or 30.0)) if self._is_video \
             else 1024
+        self._half_frame = self._last_duration // 2 if self._is_video else 0
         # Open segment and part.
         self._segment_open = False
         self._segment_msn = 0
@@ -191,13 +198,7 @@ class TrackPackager:
             self._close_part(events)
             self._close_segment(events)
             self._open_segment(self._grid_anchor(sample), wall_anchor, events)
-        # A video frame that straddles the segment's grid end stays in the last part: the
-        # frame after it is the IDR that starts the next segment (the transcoder puts it on or
-        # just after the grid), so a part cut before it would hold that one frame alone.
-        straddles_segment_end = self._is_video and self._part_grid_end == self._segment_grid_end \
-            and start + self._tolerance < self._segment_grid_end
-        if self._part_samples and ((end > self._part_grid_end + self._tolerance
-                                    and not straddles_segment_end)
+        if self._part_samples and (self._past_part_end(start, end)
                                    or end - self._part_samples[0].dts > self._longest_part):
             self._close_part(events)
             self._part_grid_end = self._next_part_boundary(self._part_grid_end)
@@ -205,9 +206,19 @@ class TrackPackager:
             self._part_grid_end = self._next_part_boundary(self._part_grid_end)
         self._part_samples.append(sample)
         self.end_time = end
-        if end >= self._part_grid_end - self._tolerance:
+        # For video ``end`` is where the next frame starts: if it starts the next part, this one
+        # is complete now.
+        if end + self._half_frame >= self._part_grid_end - self._tolerance:
             self._close_part(events)
             self._part_grid_end = self._next_part_boundary(self._part_grid_end)
+
+    def _past_part_end(self, start: int, end: int) -> bool:
+        """Whether a sample from ``start`` to ``end`` belongs after the open part's grid end."""
+        if not self._is_video:
+            return end > self._part_grid_end + self._tolerance
+        if self._part_grid_end == self._segment_grid_end:
+            return False  # only the next segment's IDR ends the last part
+        return start + self._half_frame >= self._part_grid_end - self._tolerance
 
     def _starts_new_segment(self, sample: EncodedSample, start: int, end: int) -> bool:
         if self._is_video:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from ingest.media import EncodedSample
@@ -95,6 +97,33 @@ def test_a_frame_straddling_the_segment_end_closes_its_last_part(video_track):
     assert last_part.duration <= SETTINGS.part_target
 
 
+def test_jittered_video_makes_four_whole_parts_a_segment(video_track):
+    """A browser's frames: millisecond timestamps, each 0-8 ms late, IDRs where the transcoder puts
+    them (moved onto the grid point when less than half a frame before it, else the first frame
+    after it). Every part boundary falls at the frame nearest its grid point: no sliver parts,
+    none longer than PART-TARGET."""
+    generator = random.Random(7)
+    starts: list[int] = []
+    keyframes: set[int] = set()
+    boundary = 0
+    for index in range(400):
+        start = round((index * 1000 / 30 + generator.randint(0, 8)) * 90)
+        if start < boundary <= start + FRAME // 2:
+            start = boundary
+        if start >= boundary:
+            keyframes.add(index)
+            boundary = (start // 180_000 + 1) * 180_000
+        starts.append(start)
+    samples = [EncodedSample(t, t, FRAME, i in keyframes, IDR if i in keyframes else NON_IDR)
+               for i, t in enumerate(starts)]
+    events = run(TrackPackager(video_track, SETTINGS), samples)
+    segments, parts = of(SegmentReady, events), of(PartReady, events)
+    assert len(segments) >= 6
+    assert [s.part_count for s in segments] == [4] * len(segments)
+    assert all(0.45 <= p.duration <= SETTINGS.part_target for p in parts), \
+        sorted(p.duration for p in parts)[:3]
+
+
 def test_video_waits_for_a_keyframe_to_start(video_track):
     packager = TrackPackager(video_track, SETTINGS)
     samples = list(video_samples(70))[10:]  # starts with 50 non-key frames
@@ -122,8 +151,9 @@ def test_audio_parts_never_exceed_the_part_target_and_follow_the_grid(audio_trac
         assert abs(end - 2.0 * k) <= AAC_FRAME / 48_000
 
 
-@pytest.mark.parametrize("part_duration, part_target", [(0.5, 0.522), (0.2, 0.222), (1.0, 1.022)])
-def test_part_target_bounds_the_audio_frame_overhang(part_duration, part_target):
+@pytest.mark.parametrize("part_duration, part_target", [(0.5, 0.542), (0.2, 0.242), (1.0, 1.042)])
+def test_part_target_bounds_a_video_frame_off_the_grid(part_duration, part_target):
+    """Half a frame at each end at 24 fps (more than an AAC frame's overhang)."""
     assert PackagerSettings(2.0, part_duration).part_target == part_target
 
 
