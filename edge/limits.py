@@ -72,8 +72,12 @@ class LimitSettings:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LimitSettings:
+        """The limits of one serving process. With HTTP workers the kernel spreads a client's
+        connections over every process and each counts its own refusals, so each allows its
+        share of AUTH_FAILURE_LIMIT: together about the configured number of guesses, not N
+        times it."""
         return cls(publish_rate=settings.publish_rate, publish_burst=settings.publish_burst,
-                   auth_failure_limit=settings.auth_failure_limit,
+                   auth_failure_limit=-(-settings.auth_failure_limit // settings.http_workers),
                    auth_lockout=settings.auth_lockout_seconds,
                    max_requests_per_address=settings.max_requests_per_address)
 

@@ -191,8 +191,9 @@ class WorkerSupervisor:
 
     def __init__(self, plan: WorkerPlan, main_url: str) -> None:
         self._plan = plan
-        self._env = {**os.environ, "WORKER_OF": main_url, "WORKER_SECRET": plan.secret,
-                     "HTTP_WORKERS": "1"}
+        # HTTP_WORKERS stays as the node has it (a worker's share of per-node budgets divides
+        # by it, edge/limits.py); WORKER_OF is what keeps a worker from starting workers.
+        self._env = {**os.environ, "WORKER_OF": main_url, "WORKER_SECRET": plan.secret}
         self._processes: list[asyncio.subprocess.Process | None] = [None] * plan.count
         # One per worker, bound here so that the address stays the same across restarts.
         self._listeners: list[socket.socket] = []

@@ -134,6 +134,9 @@ def test_settings_reach_the_limits_and_the_server():
         publish_rate=2.5, publish_burst=4, auth_failure_limit=7, auth_lockout=30,
         max_requests_per_address=0)
     assert server_handler_args(settings) == {"keepalive_timeout": 3.0}
+    # Each of three serving processes allows its share of the node's failed authentications.
+    workers = load_settings({"AUTH_FAILURE_LIMIT": "7", "HTTP_WORKERS": "3"})
+    assert LimitSettings.from_settings(workers).auth_failure_limit == 3
 
 
 # -- a real node --------------------------------------------------------------------------------------

@@ -401,3 +401,22 @@ def test_every_process_checks_play_tokens_and_reloads_keys_with_the_node(tmp_pat
         until(reloaded_everywhere, 15, "a process kept the old key")
         assert len(processes_answering(new, 200)) == 2
         assert len(processes_answering(old, 401)) == 2
+
+
+def test_the_processes_share_one_budget_of_failed_authentications(tmp_path):
+    """The kernel spreads a guesser's connections over both processes and each counts its own
+    refusals: each allows half of AUTH_FAILURE_LIMIT, so the node refuses about that many guesses
+    in all before every process answers 429, not twice as many."""
+    with running_node(tmp_path, HTTP_WORKERS="2", PLAYBACK_AUTH="token", AUTH_FAILURE_LIMIT="4",
+                      AUTH_LOCKOUT="60", MAX_CONNECTIONS_PER_ADDRESS="0") as node:
+        until(lambda: worker_answers(node.url), 20, "no worker answers")
+        refused_by: dict[str, int] = {}
+        statuses = []
+        for guess in range(40):  # each on a new connection
+            status, process = play_status(node.url, f"guess-{guess}")
+            statuses.append(status)
+            if status == 401:
+                refused_by[process] = refused_by.get(process, 0) + 1
+        assert set(statuses) == {401, 429}
+        assert sorted(refused_by.values()) == [2, 2], refused_by  # 4 in all, 2 per process
+        assert statuses[-8:] == [429] * 8  # both locked out
