@@ -78,7 +78,8 @@ def _token(args: argparse.Namespace) -> int:
             return 2
     scopes = [Scope(scope) for scope in args.scope.replace(",", " ").split()]
     print(issue_token(key, algorithm, scopes, args.stream, args.ttl, args.sub,
-                      audience=os.environ.get("JWT_AUDIENCE") or DEFAULT_AUDIENCE, issuer=os.environ.get("JWT_ISSUER")))
+                      audience=os.environ.get("JWT_AUDIENCE") or DEFAULT_AUDIENCE,
+                      issuer=os.environ.get("JWT_ISSUER")))
     return 0
 
 

@@ -416,7 +416,7 @@ async def test_the_peer_api_answers_a_fleet_member(fleet_node):
     assert status == 401
 
 
-# -- the audience every token must name --------------------------------------------------------------
+# -- the audience every token must name -------------------------------------------------------
 
 async def test_a_node_without_jwt_audience_still_wants_tokens_for_livedge(fleet_node):
     """The right secret is not enough: a token signed with it for another service (a secret shared
