@@ -295,7 +295,10 @@ def test_a_dead_worker_is_restarted_and_the_node_keeps_serving(node):
     [worker] = child_pids(node.process.pid)
     time.sleep(MERGED_REUSE_SECONDS)  # the next scrape is a fresh one
     os.kill(worker, signal.SIGKILL)
-    # Scrapes go on meanwhile, reporting the worker down (for about a second: it restarts).
+    # Scrapes go on meanwhile, reporting the worker down (for about a second: it restarts). A
+    # scrape that reaches its listener before the node has seen the death waits there, and the
+    # restarted worker answers it: give the node a moment to see it first.
+    time.sleep(0.2)
     until(lambda: process_up(node.url, "worker-1") == 0, 10, "the dead worker was scraped as up")
     until(lambda: child_pids(node.process.pid) not in ([], [worker]), 20,
           "the worker was not restarted")
