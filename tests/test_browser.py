@@ -338,3 +338,40 @@ def test_hls_js_plays_on_across_a_resolution_change(namespace, node, page):
     finally:
         publisher.join(timeout=30)
     assert outcome == ["ok"]
+
+
+def test_hls_js_plays_on_across_a_republish(namespace, node, page):
+    # The publisher's connection drops after 10 s and it comes back 1 s later (within the grace
+    # period): the stream goes on after a discontinuity, and a watching hls.js must play the new
+    # period's media, not stop at the old period's end.
+    import asyncio
+    import threading
+
+    from bench.soak import encode_ts, publish_ws
+    token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, "again", 86400, "tester")
+    data = encode_ts(10.0, (320, 180), 30)
+    outcome: list[str] = []
+
+    def publish_twice() -> None:
+        for _ in range(2):
+            outcome.append(namespace.call(
+                lambda: asyncio.run(publish_ws(node.ws_url, "again", data, 10.0, token=token))))
+            time.sleep(1.0)
+
+    publisher = threading.Thread(target=publish_twice)
+    publisher.start()
+    try:
+        errors = page_errors(page)
+        page.goto(node.url + "/watch/again")
+        assert_playing(page)
+        publisher.join(timeout=40)
+        # The second period's media plays: the clock passes 10 s of media before both ended.
+        page.wait_for_function("() => document.getElementById('video').currentTime > 12",
+                               timeout=15_000)
+        status, body = namespace.fetch(node.url + "/hls/again/180p/index.m3u8")
+        assert status == 200 and "#EXT-X-DISCONTINUITY" in body.decode()
+        screenshot(page, "republish")
+        assert errors == []
+    finally:
+        publisher.join(timeout=30)
+    assert outcome == ["ok", "ok"]
