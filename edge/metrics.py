@@ -246,6 +246,10 @@ class Metrics:
             "livedge_event_loop_lag", "Event-loop lag per probe, seconds",
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=self.registry)
+        self.worker_restarts = Counter(
+            "livedge_http_worker_restarts", "HTTP workers that died and were started again "
+            "(a crash loop restarts within seconds: livedge_process_up can miss it)",
+            registry=self.registry)
         # Called before each render: counts kept elsewhere (the fast lane's, summed per answer
         # shape rather than taking the counter's lock for every answer) are added in.
         self.before_render: list[Callable[[], None]] = []

@@ -54,7 +54,7 @@ async def serve(app: web.Application, settings: Settings, drain_seconds: float,
         private_port = private.sockets[0].getsockname()[1]
         supervisor = WorkerSupervisor(
             WorkerPlan(workers, worker_command, str(app[WORKER_SECRET])),
-            f"http://127.0.0.1:{private_port}")
+            f"http://127.0.0.1:{private_port}", app[METRICS].worker_restarts.inc)
         await supervisor.start()
         app[METRICS].other_processes = supervisor.scrape
         app[RELOADED].append(supervisor.reload)  # SIGHUP or /api/reload: the workers reload too

@@ -189,8 +189,10 @@ class WorkerSupervisor:
     """Starts the workers, restarts those that die, stops them at shutdown. Ends only processes
     it started, by their PID."""
 
-    def __init__(self, plan: WorkerPlan, main_url: str) -> None:
+    def __init__(self, plan: WorkerPlan, main_url: str,
+                 on_restart: Callable[[], None] = lambda: None) -> None:
         self._plan = plan
+        self._on_restart = on_restart  # a worker died and is about to be started again
         # HTTP_WORKERS stays as the node has it (a worker's share of per-node budgets divides
         # by it, edge/limits.py); WORKER_OF is what keeps a worker from starting workers.
         self._env = {**os.environ, "WORKER_OF": main_url, "WORKER_SECRET": plan.secret}
@@ -201,7 +203,6 @@ class WorkerSupervisor:
         self._http: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
-        self.restarts = 0
 
     async def start(self) -> None:
         for _ in range(self._plan.count):
@@ -224,7 +225,7 @@ class WorkerSupervisor:
             code = await process.wait()
             if self._stopping:
                 return
-            self.restarts += 1
+            self._on_restart()
             log.error("http worker exited with %s: restarting", code,
                       extra={"url": f"pid {process.pid}"})
             await asyncio.sleep(RESTART_SECONDS)

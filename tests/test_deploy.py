@@ -25,19 +25,19 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from prometheus_client.parser import text_string_to_metric_families
 
 from edge.app import METRICS, build_app
 from edge.config import ConfigError, Settings, env_name, load_settings
 from edge.membership import decode_key
+from edge.metrics import merge_processes
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 VALID_SECRET = "a-valid-test-secret-" + "x" * 32
-# Named by the deploy files ahead of the code that will read or export them (deploy/README.md,
-# "Still to come"). Everything else must exist in livedge today.
-PENDING_ENV = {"NODE_NAME", "SEEDS", "GOSSIP_BIND", "GOSSIP_ADVERTISE", "GOSSIP_KEYS"}
-PENDING_METRICS = {"livedge_peers_alive"}
+# Exported only by fleet members (gossip configured), which the registry built here is not.
+FLEET_ONLY_METRICS = {"livedge_peers_alive"}
 # Set only to build other variables from (the Kubernetes downward API).
 HELPER_ENV = {"POD_NAME", "POD_IP"}
 # Kubernetes releases the manifests must be valid for: an old one still common in managed clusters,
@@ -68,7 +68,8 @@ def settings_env_names() -> set[str]:
 
 def exported_metric_names() -> set[str]:
     """Every series name a livedge node's /metrics can carry, from the node's real registry, with and
-    without the Redis tier (its families exist only when REDIS_URL is set; nothing connects here)."""
+    without the Redis tier (its families exist only when REDIS_URL is set; nothing connects here),
+    and with HTTP workers."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
                 "summary": ("_count", "_sum", ""), "gauge": ("",), "info": ("_info",)}
     names: set[str] = set()
@@ -76,7 +77,9 @@ def exported_metric_names() -> set[str]:
         registry = build_app(Settings(jwt_secret=VALID_SECRET, redis_url=redis_url))[METRICS].registry
         names |= {family.name + suffix for family in registry.collect()
                   for suffix in suffixes.get(family.type, ("",))}
-    return names
+    # A node with HTTP workers adds what merging the processes' expositions adds.
+    merged = text_string_to_metric_families(merge_processes({"main": None}).decode())
+    return names | {family.name for family in merged}
 
 
 def metric_names_in(expression: str) -> set[str]:
@@ -169,7 +172,7 @@ def test_compose_livedge_settings_parse_and_outlast_the_drain():
     known = settings_env_names()
     for name, service in livedge_services(compose()).items():
         environment = {key: str(value) for key, value in service["environment"].items()}
-        unknown = set(environment) - known - PENDING_ENV
+        unknown = set(environment) - known
         assert not unknown, f"{name}: unknown variables {unknown}"
         settings = load_settings({**environment, "JWT_SECRET": VALID_SECRET})
         assert _grace_seconds(service["stop_grace_period"]) > settings.drain_seconds, name
@@ -290,7 +293,7 @@ def test_gossip_seeds_secrets_and_selectors_line_up():
     known = settings_env_names()
     for workload in [edge, by_kind("Deployment")["livedge-origin"]]:
         for variable in _containers(workload)[0]["env"]:
-            assert variable["name"] in known | PENDING_ENV | HELPER_ENV, variable["name"]
+            assert variable["name"] in known | HELPER_ENV, variable["name"]
             reference = variable.get("valueFrom", {}).get("secretKeyRef")
             if reference:
                 assert (reference["name"], reference["key"] in secret_keys) == ("livedge-secrets", True)
@@ -298,7 +301,7 @@ def test_gossip_seeds_secrets_and_selectors_line_up():
 
 def test_configmap_settings_parse():
     data = by_kind("ConfigMap")["livedge-config"]["data"]
-    assert not set(data) - settings_env_names() - PENDING_ENV
+    assert not set(data) - settings_env_names()
     settings = load_settings({**data, "JWT_SECRET": VALID_SECRET})
     assert settings.redis_url == data["REDIS_URL"] and len(settings.ladder) == 4
 
@@ -384,7 +387,8 @@ def test_alert_rules_cover_the_failures_and_name_real_metrics():
     rules = {rule["alert"]: rule for rule in group["rules"]}
     assert set(rules) == {"LivedgeNodeDown", "LivedgeStreamDown",
                           "LivedgeTranscodeSlowerThanRealtime", "LivedgeCacheHitRatioLow",
-                          "LivedgeEventLoopLagging", "LivedgePeerDown", "LivedgeRedisUnreachable"}
+                          "LivedgeEventLoopLagging", "LivedgePeerDown", "LivedgeRedisUnreachable",
+                          "LivedgeHttpWorkerRestarting"}
     exported = exported_metric_names()
     used: set[str] = set()
     for name, rule in rules.items():
@@ -392,8 +396,8 @@ def test_alert_rules_cover_the_failures_and_name_real_metrics():
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
         assert re.fullmatch(r"\d+m", rule["for"]), name
         used |= metric_names_in(rule["expr"])
-    assert not used - exported - PENDING_METRICS, used - exported - PENDING_METRICS
-    assert PENDING_METRICS <= used
+    assert not used - exported - FLEET_ONLY_METRICS, used - exported - FLEET_ONLY_METRICS
+    assert FLEET_ONLY_METRICS <= used
     assert "< 1" in rules["LivedgeTranscodeSlowerThanRealtime"]["expr"]
 
 

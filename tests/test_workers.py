@@ -305,6 +305,9 @@ def test_a_dead_worker_is_restarted_and_the_node_keeps_serving(node):
     until(lambda: worker_answers(node.url), 20, "the new worker does not answer")
     # Its listener for the main process is the same one, handed over again.
     until(lambda: process_up(node.url, "worker-1") == 1, 10, "the new worker is not scraped")
+    # However short the outage, the restart is counted.
+    restarts = ("livedge_http_worker_restarts_total", (("process", "main"),))
+    assert scrape(node.url)[1][restarts] == 1
     for _ in range(8):
         with urllib.request.urlopen(node.url + "/hls/demo/index.m3u8", timeout=5) as answer:
             assert answer.status == 200
