@@ -245,8 +245,9 @@ def node_environment(**extra: str) -> dict[str, str]:
 
 def launch_node(workdir: Path, *args: str, port: int | None = None,
                 log_to: str | Path | None = None, startup_timeout: float = 30.0,
-                **env: str) -> NodeProcess:
-    """Start ``livedge serve`` on 127.0.0.1 and wait for ``/healthz``. Its output goes to
+                program: tuple[str, ...] = ("edge.cli", "serve"), **env: str) -> NodeProcess:
+    """Start ``livedge serve`` (or another ``program``: a module and its arguments, taking
+    ``--host`` and ``--port``) on 127.0.0.1 and wait for ``/healthz``. Its output goes to
     ``log_to`` (default ``workdir/node-PORT.log``; ``/dev/full`` makes every log write fail).
     The caller must ``stop()`` or ``kill()`` it (``running_node`` does)."""
     port = port or free_port()
@@ -255,9 +256,8 @@ def launch_node(workdir: Path, *args: str, port: int | None = None,
     log_path = Path(log_to) if log_to is not None else workdir / f"node-{port}.log"
     with open(log_path, "wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "edge.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             *args], env=node_environment(**env), stdout=output, stderr=subprocess.STDOUT,
-            cwd=REPO)
+            [sys.executable, "-m", *program, "--host", "127.0.0.1", "--port", str(port), *args],
+            env=node_environment(**env), stdout=output, stderr=subprocess.STDOUT, cwd=REPO)
     node = NodeProcess(f"http://127.0.0.1:{port}", port, f"ws://127.0.0.1:{env['WS_PORT']}",
                        process, log_path if log_path.is_file() else None)
     deadline = time.monotonic() + startup_timeout

@@ -395,15 +395,16 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.0f} ms"
 
 
-def table(results: list[StepResult]) -> str:
-    lines = ["| waiters | connected | parts | last answered p50 | p99 | max | every answer p99 "
-             "| first -> last p99 | late | errors | node CPU (idle) | node CPU per answer "
-             "| generator CPU | other CPU | node memory per waiter |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
+def table(results: list[tuple[str, StepResult]]) -> str:
+    """``results``: (server, its step), the server being "livedge" or "anchor"."""
+    lines = ["| server | waiters | connected | parts | last answered p50 | p99 | max "
+             "| every answer p99 | first -> last p99 | late | errors | server CPU (idle) "
+             "| server CPU per answer | generator CPU | other CPU | server memory per waiter |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for server, r in results:
         errors = sum(r.errors.values())
         lines.append(
-            f"| {r.waiters:,} | {r.connected:,} | {r.parts} | {_ms(r.last_p50)} "
+            f"| {server} | {r.waiters:,} | {r.connected:,} | {r.parts} | {_ms(r.last_p50)} "
             f"| {_ms(r.last_p99)} "
             f"| {_ms(r.last_max)} | {_ms(r.answer_p99)} | {_ms(r.spread_p99)} | "
             f"{r.late_answers / max(1, r.late_answers + r.blocked_answers):.0%} | "
@@ -426,37 +427,51 @@ def main() -> None:
     parser.add_argument("--keep-logs", action="store_true", help="copy each node's log here")
     parser.add_argument("--profile-format", choices=["svg", "txt"], default="svg",
                         help="flame graph, or collapsed stacks (text)")
+    parser.add_argument("--anchor", action="store_true",
+                        help="after each step, the same step against bench.anchor (the least a "
+                             "Python process does per reload), answering as many bytes")
     args = parser.parse_args()
     counts = [int(n) for n in args.counts.split(",")]
     limit = raise_fd_limit(max(counts) + 2000)
     print(f"RLIMIT_NOFILE {limit} (this process and the node)", file=sys.stderr)
     path = f"/hls/{STREAM}/{RENDITION}/index.m3u8"
-    results = []
+    results: list[tuple[str, StepResult]] = []
     with tempfile.TemporaryDirectory(prefix="livedge-waiters-") as scratch:
-        for count in counts:  # a fresh node per step: its memory growth is this step's alone
-            busy = wait_for_quiet()
-            print(f"machine busy before the step: {busy:.2f} cores", file=sys.stderr)
+        for count in counts:  # a fresh server per step: its memory growth is this step's alone
             # HTTP_READ_TIMEOUT is also the keep-alive idle timeout: connections opened early in a
             # long ramp stay idle until every waiter is connected.
-            with running_node(Path(scratch), "--demo", LADDER="180p:320x180:250k",
-                              SEGMENT_DURATION="2", PART_DURATION=f"{args.part:.3f}",
-                              HTTP_READ_TIMEOUT="300", HTTP_WORKERS=str(args.workers)) as node:
-                wait_for_stream(node.url, STREAM)
-                if args.workers > 1:
-                    wait_for_workers(node.url)
-                offset = calibrate(node.port, path)
-                print(f"node pid {node.pid}; production estimate offset {offset * 1000:.1f} ms "
-                      f"(one waiter, idle node)", file=sys.stderr)
-                profile = Path(f"waiters-{count}.{args.profile_format}").resolve() \
-                    if args.profile == count else None
-                result = run_step(node, path, count, args.seconds, offset, profile,
-                                  args.generator_nice)
-                results.append(result)
-                print(table(results).splitlines()[-1], file=sys.stderr)
-                if args.keep_logs:
-                    shutil.copy(node.log_path, Path(f"waiters-{count}-node.log").resolve())
-    print(f"answer size {results[-1].answer_bytes} bytes, part {args.part * 1000:.0f} ms")
+            livedge = running_node(Path(scratch), "--demo", LADDER="180p:320x180:250k",
+                                   SEGMENT_DURATION="2", PART_DURATION=f"{args.part:.3f}",
+                                   HTTP_READ_TIMEOUT="300", HTTP_WORKERS=str(args.workers))
+            results.append(("livedge", _measure(livedge, count, path, args, is_node=True)))
+            if args.anchor:
+                anchor = running_node(Path(scratch), "--part", str(args.part), "--answer-bytes",
+                                      str(results[-1][1].answer_bytes), program=("bench.anchor",))
+                results.append(("anchor", _measure(anchor, count, path, args, is_node=False)))
+    print(f"answer size {results[-1][1].answer_bytes} bytes, part {args.part * 1000:.0f} ms")
     print(table(results))
+
+
+def _measure(server, count: int, path: str, args: argparse.Namespace, is_node: bool
+             ) -> StepResult:
+    """One step against ``server`` (a context manager that starts it, and stops it after): the
+    node (its HTTP workers, the profile) or the anchor."""
+    busy = wait_for_quiet()
+    print(f"machine busy before the step: {busy:.2f} cores", file=sys.stderr)
+    with server as node:
+        wait_for_stream(node.url, STREAM)
+        if is_node and args.workers > 1:
+            wait_for_workers(node.url)
+        offset = calibrate(node.port, path)
+        print(f"server pid {node.pid}; production estimate offset {offset * 1000:.1f} ms "
+              f"(one waiter, idle server)", file=sys.stderr)
+        profile = Path(f"waiters-{count}.{args.profile_format}").resolve() \
+            if is_node and args.profile == count else None
+        result = run_step(node, path, count, args.seconds, offset, profile, args.generator_nice)
+        print(table([("", result)]).splitlines()[-1], file=sys.stderr)
+        if args.keep_logs and node.log_path is not None:
+            shutil.copy(node.log_path, Path(f"waiters-{count}-{node.pid}.log").resolve())
+    return result
 
 
 if __name__ == "__main__":
