@@ -6,13 +6,16 @@ process answers a second (bench/README.md), so ``bench.waiters --anchor`` runs t
 the node, in the same run and with the same generator, and reports both: the node's figure as a
 ratio to what this machine allows a Python process.
 
+``bench.serve`` uses it the same way for cached objects (``--objects DIR``: each file of DIR,
+head and body joined once, written whole for each request).
+
 What it does, and nothing more: one process, uvloop, an ``asyncio.Protocol`` per connection; a part
 every ``--part`` seconds on the loop's clock (no media: the playlist is text made once per part,
 padded to the node's answer size); a request is split on spaces and ``&``, with no header read; a
 reload for a part not produced yet waits in a list for its part, and one write answers each
 waiter. No limits, ids, metrics, CORS, tokens or read deadlines, which the node has.
 
-    .venv/bin/python -m bench.anchor --port 8080 [--part 0.333] [--answer-bytes 1862]
+    .venv/bin/python -m bench.anchor --port 8080 [--part 0.333] [--answer-bytes 1862] [--objects DIR]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import signal
 import time
 from email.utils import formatdate
+from pathlib import Path
 
 SEGMENT_SECONDS = 2.0
 WINDOW_SEGMENTS = 6
@@ -88,10 +92,11 @@ class Playlist:
 
 
 class Anchor:
-    """The waiters, by the part they wait for, and the part clock."""
+    """The waiters, by the part they wait for, the part clock, and objects held in memory."""
 
-    def __init__(self, playlist: Playlist) -> None:
+    def __init__(self, playlist: Playlist, objects: dict[bytes, bytes] | None = None) -> None:
         self.playlist = playlist
+        self.objects = objects or {}  # path -> the whole answer, head and body
         self.waiting: dict[tuple[int, int], list[asyncio.Transport]] = {}
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
@@ -123,6 +128,8 @@ class Anchor:
         elif path == b"/hls/demo/index.m3u8":
             transport.write(_head("200 OK", "application/vnd.apple.mpegurl", len(MULTIVARIANT))
                             + MULTIVARIANT)
+        elif path in self.objects:
+            transport.write(self.objects[path])
         elif path == b"/healthz":
             transport.write(_head("200 OK", "text/plain", 2) + b"ok")
         else:
@@ -149,8 +156,19 @@ class Connection(asyncio.Protocol):
             self.anchor.request(self.transport, target)  # type: ignore[arg-type]
 
 
-async def serve(host: str, port: int, part_seconds: float, answer_bytes: int) -> None:
-    anchor = Anchor(Playlist(part_seconds, answer_bytes))
+def load_objects(directory: Path) -> dict[bytes, bytes]:
+    """Every file of ``directory`` as an answer to ``GET /hls/demo/180p/{its name}``."""
+    objects = {}
+    for file in sorted(directory.iterdir()):
+        body = file.read_bytes()
+        objects[f"/hls/demo/180p/{file.name}".encode()] = \
+            _head("200 OK", "video/mp4", len(body)) + body
+    return objects
+
+
+async def serve(host: str, port: int, part_seconds: float, answer_bytes: int,
+                objects: dict[bytes, bytes]) -> None:
+    anchor = Anchor(Playlist(part_seconds, answer_bytes), objects)
     anchor.start()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Connection(anchor), host, port, backlog=4096)
@@ -168,9 +186,12 @@ def main() -> None:
     parser.add_argument("--part", type=float, default=1 / 3, help="part duration, seconds")
     parser.add_argument("--answer-bytes", type=int, default=1862,
                         help="bytes of a playlist answer's body (the node's, by default)")
+    parser.add_argument("--objects", type=Path,
+                        help="a directory whose files are served as objects of the rendition")
     args = parser.parse_args()
     import uvloop
-    uvloop.run(serve(args.host, args.port, args.part, args.answer_bytes))
+    objects = load_objects(args.objects) if args.objects else {}
+    uvloop.run(serve(args.host, args.port, args.part, args.answer_bytes, objects))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 One run, one machine, one load generator (``wrk``, keep-alive, 2 threads, 64 connections):
 - nginx: 2 workers, ``sendfile``, the objects as files in /dev/shm (the PERF-NOTES reference);
+- the anchor (``bench.anchor``): one Python process, uvloop, a bare ``asyncio.Protocol`` writing
+  the same bytes held in memory: the least Python can do per request, on this machine;
 - livedge, memory tier: a node that did not produce the stream replicates it through Redis
   (``edge.replica``); after the first request every object is a memory-tier hit;
 - livedge, Redis tier: the same node with a 1 MiB memory tier, and wrk cycling over every part
@@ -228,6 +230,19 @@ def main() -> int:
             rows.append(("nginx 2 workers, files in /dev/shm",
                          wrk([f"{base}/part0.0.m4s"], args.seconds, work),
                          wrk([f"{base}/seg0.m4s"], args.seconds, work)))
+
+            # The anchor: the least a Python process does to answer the same bytes.
+            anchor_port = free_port()
+            anchor = start([sys.executable, "-m", "bench.anchor", "--port", str(anchor_port),
+                            "--objects", str(shm)], work / "anchor.log")
+            processes.append(anchor)
+            base = f"http://127.0.0.1:{anchor_port}/hls/demo/180p"  # where it serves --objects
+            wait_http(f"{base}/part0.0.m4s")
+            rows.append(("anchor: raw asyncio.Protocol + uvloop, 1 process (bench/anchor.py)",
+                         wrk([f"{base}/part0.0.m4s"], args.seconds, work),
+                         wrk([f"{base}/seg0.m4s"], args.seconds, work)))
+            stop(anchor)
+            processes.remove(anchor)
 
             cases = [(f"livedge reading node ({workers} process{'es' if workers > 1 else ''}),"
                       " memory tier hit", "512MiB", False, workers)
