@@ -24,6 +24,7 @@ later; their kernel timestamps are unchanged). ``--generator-nice 0`` measures w
 The bench raises RLIMIT_NOFILE for itself and the node (root may raise the hard limit).
 
     .venv/bin/python -m bench.waiters [--counts 1000,5000,10000] [--seconds 15] [--profile 10000]
+        [--headers minimal|browser] [--anchor]
 
 ``--profile N`` runs ``py-spy record`` (``pip install py-spy``) on the node during step N and
 writes a flame graph SVG next to the report.
@@ -56,6 +57,16 @@ SO_TIMESTAMPNS = 35  # Linux; the kernel's receive time as a struct timespec (CL
 STREAM, RENDITION = "demo", "180p"
 CONNECTS_IN_FLIGHT = 100  # under the node's listen backlog (aiohttp: 128): more overflow it
 RECV_BYTES = 65536
+# What Chrome sends with an hls.js playlist request (--headers browser), after the request line.
+BROWSER_HEADERS = (
+    b"Host: 127.0.0.1\r\nConnection: keep-alive\r\n"
+    b'sec-ch-ua: "Chromium";v="131", "Not_A Brand";v="24"\r\nsec-ch-ua-mobile: ?0\r\n'
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    b"Chrome/131.0.0.0 Safari/537.36\r\nsec-ch-ua-platform: \"Linux\"\r\nAccept: */*\r\n"
+    b"Origin: http://127.0.0.1\r\nSec-Fetch-Site: same-origin\r\nSec-Fetch-Mode: cors\r\n"
+    b"Sec-Fetch-Dest: empty\r\nReferer: http://127.0.0.1/watch/demo\r\n"
+    b"Accept-Encoding: gzip, deflate, br, zstd\r\nAccept-Language: en-US,en;q=0.9\r\n")
+MINIMAL_HEADERS = b"Host: bench\r\n"
 
 
 @dataclass
@@ -119,9 +130,10 @@ def _kernel_time(ancillary: list[tuple[int, int, bytes]]) -> float | None:
 class WaiterPool:
     """N connections doing blocking reloads, driven by one epoll loop in this thread."""
 
-    def __init__(self, port: int, path: str) -> None:
+    def __init__(self, port: int, path: str, headers: bytes = MINIMAL_HEADERS) -> None:
         self._port = port
         self._path = path.encode()
+        self._headers = headers
         self._epoll = select.epoll()
         self._waiters: dict[int, _Waiter] = {}
         self.connected = 0
@@ -188,7 +200,8 @@ class WaiterPool:
         query = b"?_HLS_msn=%d&_HLS_part=%d" % part if part else b""
         waiter.sent_at = time.time()
         try:
-            waiter.sock.send(b"GET " + self._path + query + b" HTTP/1.1\r\nHost: bench\r\n\r\n")
+            waiter.sock.send(b"GET " + self._path + query + b" HTTP/1.1\r\n" + self._headers
+                             + b"\r\n")
         except OSError as error:
             self._error(f"send {type(error).__name__}")
             self._drop(waiter.sock.fileno())
@@ -323,11 +336,12 @@ def calibrate(port: int, path: str, seconds: float = 4.0) -> float:
 
 
 def run_step(node, path: str, count: int, seconds: float, offset: float,
-             profile_to: Path | None, generator_nice: int = 0) -> StepResult:
+             profile_to: Path | None, generator_nice: int = 0,
+             headers: bytes = MINIMAL_HEADERS) -> StepResult:
     niceness = os.getpriority(os.PRIO_PROCESS, 0)
     os.setpriority(os.PRIO_PROCESS, 0, niceness + generator_nice)  # this thread: the generator
     try:
-        return _run_step(node, path, count, seconds, offset, profile_to)
+        return _run_step(node, path, count, seconds, offset, profile_to, headers)
     finally:
         try:
             os.setpriority(os.PRIO_PROCESS, 0, niceness)
@@ -337,12 +351,12 @@ def run_step(node, path: str, count: int, seconds: float, offset: float,
 
 
 def _run_step(node, path: str, count: int, seconds: float, offset: float,
-              profile_to: Path | None) -> StepResult:
+              profile_to: Path | None, headers: bytes) -> StepResult:
     idle = node.sample()
     time.sleep(2)
     idle_cpu = cpu_share(idle, node.sample())
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
-    pool = WaiterPool(node.port, path)
+    pool = WaiterPool(node.port, path, headers)
     status, body = http_get(node.url + path)
     pool.newest_hint = preload_hint(body) if status == 200 else None
     spy = None
@@ -427,6 +441,8 @@ def main() -> None:
     parser.add_argument("--keep-logs", action="store_true", help="copy each node's log here")
     parser.add_argument("--profile-format", choices=["svg", "txt"], default="svg",
                         help="flame graph, or collapsed stacks (text)")
+    parser.add_argument("--headers", choices=["minimal", "browser"], default="minimal",
+                        help="each request's headers: Host alone, or Chrome's 14 (hls.js)")
     parser.add_argument("--anchor", action="store_true",
                         help="after each step, the same step against bench.anchor (the least a "
                              "Python process does per reload), answering as many bytes")
@@ -467,7 +483,9 @@ def _measure(server, count: int, path: str, args: argparse.Namespace, is_node: b
               f"(one waiter, idle server)", file=sys.stderr)
         profile = Path(f"waiters-{count}.{args.profile_format}").resolve() \
             if is_node and args.profile == count else None
-        result = run_step(node, path, count, args.seconds, offset, profile, args.generator_nice)
+        headers = BROWSER_HEADERS if args.headers == "browser" else MINIMAL_HEADERS
+        result = run_step(node, path, count, args.seconds, offset, profile, args.generator_nice,
+                          headers)
         print(table([("", result)]).splitlines()[-1], file=sys.stderr)
         if args.keep_logs and node.log_path is not None:
             shutil.copy(node.log_path, Path(f"waiters-{count}-{node.pid}.log").resolve())
