@@ -21,7 +21,7 @@ from origin.rendition import Readiness, is_init_name
 
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
 PLAYLIST_CACHE_CONTROL = "no-cache"
-_HLS_NUMBER_MAX = 2**53  # larger _HLS_msn/_HLS_part values are nonsense, not big numbers
+HLS_NUMBER_MAX = 2**53  # larger _HLS_msn/_HLS_part values are nonsense, not big numbers
 _OBJECT_NAME_MAX = 64
 REPLICA_LOAD_WAIT = 2.0  # seconds a request may wait for a replica's first read of its log
 
@@ -49,7 +49,7 @@ def _int_param(query: Mapping[str, str], name: str) -> int | None:
     raw = query.get(name)
     if raw is None:
         return None
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 16 or int(raw) > _HLS_NUMBER_MAX:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 16 or int(raw) > HLS_NUMBER_MAX:
         raise BadRequest(f"{name} must be a non-negative integer")
     return int(raw)
 

@@ -14,6 +14,7 @@ import pytest
 
 from bench.soak import encode_ts, publish_ws
 from edge.tokens import Scope, issue_token
+from edge.fastlane import _KEEP_ALIVE, _Reload
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 
 HINT = re.compile(r'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="part(\d+)\.(\d+)\.m4s"')
@@ -172,6 +173,35 @@ def test_parked_reloads_are_all_answered_with_the_part_they_wait_for(node):
     assert {status for status, _, _ in answers + again} == {200}
     assert all(newest_part(body) >= (msn, part) for _, _, body in answers)
     assert len({body for _, _, body in answers}) == 1  # one render shared by every waiter
+
+
+def test_a_players_repeated_reloads_are_matched_not_parsed_and_answered_alike(node):
+    http = Http(node.url)
+    before = metric(node.url, "livedge_fast_lane_repeated_reloads_total")
+    try:
+        _, _, playlist = http.get("/hls/demo/180p/index.m3u8")
+        # The first reload is parsed and becomes the template; the next three match it.
+        parts = play_parts(http, playlist, 4)
+        msn, part = next_part(http)
+        status, _, body = http.get(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
+    finally:
+        http.close()
+    assert len(parts) == 4 and status == 200 and newest_part(body) >= (msn, part)
+    assert metric(node.url, "livedge_fast_lane_repeated_reloads_total") - before == 4
+
+
+def test_a_repeated_reload_that_cannot_be_answered_goes_to_aiohttp(node):
+    http = Http(node.url)
+    try:
+        msn, part = next_part(http)
+        first = http.get(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
+        too_far = http.get(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn + 1000}&_HLS_part=0")
+        nonsense = http.get(f"/hls/demo/180p/index.m3u8?_HLS_msn={2**60}&_HLS_part=0")
+    finally:
+        http.close()
+    assert first[0] == 200 and first[1]["server"] == "livedge"
+    assert too_far[0] == 400 and "too far" in json.loads(too_far[2])["message"]
+    assert nonsense[0] == 400 and "non-negative integer" in json.loads(nonsense[2])["message"]
 
 
 def test_a_preload_hinted_part_is_held_then_sent_whole(node):
@@ -357,3 +387,50 @@ def next_part_of(http: Http, path: str) -> tuple[int, int]:
     _, _, body = http.get(path)
     msn, part = HINT.search(body.decode()).groups()
     return int(msn), int(part)
+
+
+# -- reload templates (pure) -----------------------------------------------------------------------
+RELOAD_HEAD = (b"GET /hls/cam/360p/index.m3u8?token=t&_HLS_msn=12&_HLS_part=3&_HLS_skip=YES "
+               b"HTTP/1.1\r\nHost: x\r\nUser-Agent: ua\r\n\r\n")
+
+
+def reload_template(head: bytes = RELOAD_HEAD) -> _Reload | None:
+    url = head.split(b" ")[1]
+    return _Reload.of(head, url, stream_name="cam", rendition="360p", token="t", skip=True,
+                      request_id=None, client="127.0.0.1|ua", reply=_KEEP_ALIVE)
+
+
+def test_a_reload_template_reads_the_numbers_of_its_repeats():
+    template = reload_template()
+    assert template is not None
+    assert template.numbers(RELOAD_HEAD) == (12, 3)
+    assert template.numbers(RELOAD_HEAD.replace(b"msn=12&_HLS_part=3", b"msn=1234&_HLS_part=0")) \
+        == (1234, 0)
+
+
+@pytest.mark.parametrize("change", [
+    (b"User-Agent: ua", b"User-Agent: other"),  # another header: parsed anew
+    (b"Host: x\r\n", b"Host: x\r\nRange: bytes=0-1\r\n"),  # one the lane hands over
+    (b"token=t", b"token=u"),  # another token: checked anew
+    (b"_HLS_skip=YES", b"_HLS_skip=v2"),
+    (b"msn=12", b"msn=1x"),
+    (b"msn=12", b"msn="),
+    (b"msn=12", b"msn=" + b"1" * 17),  # longer than edge.hls reads
+    (b"msn=12", b"msn=%d" % (2**53 + 1)),  # past the largest number edge.hls takes
+    (b"_HLS_part=3", b"_HLS_part=3&_HLS_part=4"),
+    (b"HTTP/1.1", b"HTTP/1.0"),
+])
+def test_a_reload_template_matches_nothing_but_other_numbers(change):
+    template = reload_template()
+    assert template is not None and template.numbers(RELOAD_HEAD.replace(*change)) is None
+
+
+@pytest.mark.parametrize("query", [
+    b"_HLS_part=3&_HLS_msn=12",  # the other order
+    b"_HLS_msn=12&x=1&_HLS_part=3",  # not adjacent
+    b"_HLS_part=1&_HLS_msn=12&_HLS_part=3",  # the first _HLS_part is not the one after
+    b"_HLS_msn=12",
+])
+def test_only_a_query_with_adjacent_msn_then_part_makes_a_template(query):
+    head = b"GET /hls/cam/360p/index.m3u8?" + query + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert reload_template(head) is None

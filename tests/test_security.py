@@ -33,6 +33,7 @@ from edge.errors import Unauthorized
 from edge.fleet import FLEET_HEADER, FleetCredential, fleet_secret
 from edge.tokens import Scope, TokenSettings, TokenVerifier, issue_token
 from tests.conftest import free_port
+from tests.test_fastlane import Http
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 
 pytestmark = [pytest.mark.timeout(180),
@@ -345,6 +346,28 @@ async def test_a_viewer_of_one_stream_cannot_read_another(token_node):
     # A's own objects: its token works there.
     status, body, _ = await fetch(f"{base}/cam-a/180p/index.m3u8?token={token_a}")
     assert status == 200 and b"#EXTM3U" in body
+
+
+def test_a_players_repeated_reloads_stop_when_its_token_expires(token_node):
+    # A player's reloads on one connection are matched against the first (edge/fastlane.py), not
+    # parsed again: the token in them must still be checked each time.
+    hint = re.compile(r'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="part(\d+)\.(\d+)\.m4s\?token=')
+    expires = int(time.time()) + 1
+    token = rs256(claims("play", "demo", exp=expires))
+    playlist = f"/hls/demo/360p/index.m3u8?token={token}"
+    http = Http(token_node.url)
+    try:
+        status, _, body = http.get(playlist)
+        assert status == 200
+        msn, part = (int(v) for v in hint.search(body.decode()).groups())
+        first = http.get(f"{playlist}&_HLS_msn={msn}&_HLS_part={part}")
+        time.sleep(max(0.0, expires + TokenSettings.leeway_seconds + 1.0 - time.time()))
+        msn, part = (int(v) for v in hint.search(first[2].decode()).groups())
+        expired = http.get(f"{playlist}&_HLS_msn={msn}&_HLS_part={part}")
+    finally:
+        http.close()
+    assert first[0] == 200 and first[1]["server"] == "livedge"
+    assert expired[0] == 401 and b"#EXT" not in expired[2]
 
 
 # -- the fleet's peer API -------------------------------------------------------------------------------
