@@ -11,7 +11,9 @@ Why: aiohttp spends about 180 us of CPU on each answer (request object, middlewa
 and a task and a timer on each blocked request; that held one node to about 2,000 blocking waiters
 and a quarter of nginx's rate for 30 KB parts (bench/README.md). Here a parked request is a small
 object in a deque: one wake per (stream, rendition) change answers every request it satisfies, and
-one sweep a quarter second answers the timed-out ones with 503.
+one sweep a quarter second answers the timed-out ones with 503. A connection's repeated blocking
+reloads, which differ only in ``_HLS_msn`` and ``_HLS_part``, are matched against its last one
+rather than parsed again (``_Reload``).
 
 The lane applies what aiohttp's middleware applies to the same requests: per-address limits,
 request ids, CORS headers, request metrics, and the slow-client deadline (``read_timeout``: the time
@@ -134,8 +136,8 @@ _NUMBER_DIGITS = 16  # as edge.hls reads them
 class _Reload:
     """A connection's last blocking playlist reload, as a template. A player asks the same head
     again and again with only the ``_HLS_msn`` and ``_HLS_part`` values changed: the next one is
-    matched against this one (about 2 µs) instead of parsed, checked and routed again (about
-    15 µs for a browser's head of eight headers)."""
+    matched against this one (about 2 µs) instead of parsed, checked and routed again (15-20 µs
+    for a browser's head; bench/README.md: a third less node CPU per blocking reload)."""
 
     before: bytes  # the head up to the _HLS_msn value
     after: bytes  # the head from the end of the _HLS_part value on
