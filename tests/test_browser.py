@@ -5,7 +5,9 @@ Each test keeps a screenshot under ``test-artifacts/``.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
 import time
 
 import pytest
@@ -305,20 +307,34 @@ def test_publish_a_screen(node, page):
     expect(page.locator("#state")).to_have_attribute("data-state", "stopped")
 
 
+def publish_in_background(namespace, node, stream: str, data: bytes, seconds: float,
+                          times: int = 1) -> tuple[threading.Thread, list[str]]:
+    """Publish ``data`` (``seconds`` of MPEG-TS) to ``stream`` over the WebSocket ingest from inside
+    the namespace, paced, ``times`` in a row 1 s apart (a publisher that drops and comes back), on
+    a started thread; the list fills with each publish's outcome ("ok" or why not)."""
+    from bench.soak import publish_ws
+    token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, stream, 86400, "tester")
+    outcome: list[str] = []
+
+    def publish() -> None:
+        for attempt in range(times):
+            if attempt:
+                time.sleep(1.0)
+            outcome.append(namespace.call(lambda: asyncio.run(
+                publish_ws(node.ws_url, stream, data, seconds, token=token))))
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    return publisher, outcome
+
+
 def test_hls_js_plays_on_across_a_resolution_change(namespace, node, page):
     # The publisher drops from 640x360 to 320x180: the 360p rung goes on at 320x180 after a
     # discontinuity, with a new init segment at its own URI (an EXT-X-MAP after the
     # DISCONTINUITY). hls.js, pinned to that rung, must decode the new size with the new init.
-    import asyncio
-    import threading
-
-    from bench.soak import encode_ts, publish_ws
-    token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, "resize", 86400, "tester")
+    from bench.soak import encode_ts
     data = encode_ts(20.0, (640, 360), 30, ((10.0, (320, 180)),))
-    outcome: list[str] = []
-    publisher = threading.Thread(target=lambda: outcome.append(namespace.call(
-        lambda: asyncio.run(publish_ws(node.ws_url, "resize", data, 20.0, token=token)))))
-    publisher.start()
+    publisher, outcome = publish_in_background(namespace, node, "resize", data, 20.0)
     try:
         errors = page_errors(page)
         page.goto(node.url + "/watch/resize")
@@ -344,22 +360,9 @@ def test_hls_js_plays_on_across_a_republish(namespace, node, page):
     # The publisher's connection drops after 10 s and it comes back 1 s later (within the grace
     # period): the stream goes on after a discontinuity, and a watching hls.js must play the new
     # period's media, not stop at the old period's end.
-    import asyncio
-    import threading
-
-    from bench.soak import encode_ts, publish_ws
-    token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, "again", 86400, "tester")
+    from bench.soak import encode_ts
     data = encode_ts(10.0, (320, 180), 30)
-    outcome: list[str] = []
-
-    def publish_twice() -> None:
-        for _ in range(2):
-            outcome.append(namespace.call(
-                lambda: asyncio.run(publish_ws(node.ws_url, "again", data, 10.0, token=token))))
-            time.sleep(1.0)
-
-    publisher = threading.Thread(target=publish_twice)
-    publisher.start()
+    publisher, outcome = publish_in_background(namespace, node, "again", data, 10.0, times=2)
     try:
         errors = page_errors(page)
         page.goto(node.url + "/watch/again")
