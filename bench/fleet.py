@@ -46,10 +46,10 @@ from typing import Iterator
 
 from kinship.rendezvous import owner as rendezvous_owner
 
-from bench.load import (BENCH_SECRET, NodeProcess, cpu_share, free_port, launch_node,
-                        raise_fd_limit)
+from bench.load import BENCH_SECRET, NodeProcess, cpu_share, launch_node, raise_fd_limit
 from bench.loadclient import (FollowSettings, ViewerStats, follow, latencies, listed_parts,
                               loop_lag_probe, percentile)
+from bench.ports import free_port
 from edge.tokens import Scope, issue_token
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,7 +31,6 @@ import os
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
+from bench.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH_SECRET = "bench-secret-" + "x" * 32
 # The ladders of the load run: two rungs, ultrafast, so two live ladders leave most of the two
@@ -50,11 +51,6 @@ LOAD_LADDER = "360p:640x360:700k,180p:320x180:250k"
 
 
 # -- processes -------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @dataclass(frozen=True)
 class ProcSample:

@@ -37,6 +37,7 @@ from pathlib import Path
 import av
 
 from bench.load import wait_for_workers
+from bench.ports import free_port
 from edge.redis_tier import RedisConfig, RedisTier, connect
 from ingest.media import VIDEO_TIMESCALE, TrackInfo, TrackKind
 from origin.live import TrackDeclared
@@ -51,11 +52,6 @@ RENDITION = "v"
 # 10 s segments of 0.5 s parts: 20 parts a segment, and objects live long in Redis during the run.
 WINDOW = LiveSettings(segment_duration=10.0, part_duration=0.5, window_segments=6)
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def h264_config() -> bytes:

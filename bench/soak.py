@@ -53,9 +53,9 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from bench.load import (BENCH_SECRET, NodeProcess, free_port, http_get, launch_node,
-                        wait_for_stream)
+from bench.load import BENCH_SECRET, NodeProcess, http_get, launch_node, wait_for_stream
 from bench.loadclient import FollowSettings, ViewerStats, follow
+from bench.ports import free_port
 from edge.tokens import Scope, issue_token
 from tests.redis_server import RedisServer, redis_server
 

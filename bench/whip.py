@@ -14,23 +14,18 @@ import argparse
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 
 import aiohttp
 
+from bench.ports import free_port
 from edge.tokens import Scope, issue_token
 from ingest.whip_client import publish
 
 SECRET = "bench-secret-" + "b" * 32
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def first_part_seconds(session: aiohttp.ClientSession, base: str, started: float,

@@ -1,8 +1,6 @@
-"""Fixtures shared across the suite: real media parameters made with PyAV, free ports."""
+"""Fixtures shared across the suite: real media parameters made with PyAV."""
 
 from __future__ import annotations
-
-import socket
 
 from fractions import Fraction
 
@@ -21,11 +19,6 @@ class Clock:
     def __call__(self) -> float:
         return self.now
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from bench.ports import free_port
 
 # A small ladder keeps two cores ahead of real time with the 720p demo source.
 SMALL_LADDER = "360p:640x360:700k,180p:320x180:250k"

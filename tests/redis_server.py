@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from tests.conftest import free_port
+from bench.ports import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

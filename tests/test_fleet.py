@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from edge.tokens import Scope, issue_token
-from tests.conftest import free_port
+from bench.ports import free_port
 from tests.nodes import TEST_SECRET, running_node
 from tests.test_e2e_node import decode, get, wait_for_segments
 from tests.test_fastlane import newest_part

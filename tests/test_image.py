@@ -24,7 +24,7 @@ from typing import Iterator
 import av
 import pytest
 
-from tests.conftest import free_port
+from bench.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_TAG = "livedge:ci"

@@ -11,7 +11,7 @@ import pytest
 
 from edge.membership import GossipMembership, GossipSettings, decode_key
 from edge.peers import PeerInfo
-from tests.conftest import free_port
+from bench.ports import free_port
 
 
 async def until(predicate, timeout: float = 10.0) -> float:

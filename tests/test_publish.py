@@ -26,7 +26,7 @@ from edge.publish import Publication, Publishing
 from edge.tokens import Claims, Scope
 from edge.webhooks import Webhooks
 from ingest.transcoder import LadderTranscoder
-from tests.conftest import free_port
+from bench.ports import free_port
 
 
 def settings(**env: str):

@@ -32,7 +32,7 @@ from websockets.exceptions import InvalidStatus
 from edge.errors import Unauthorized
 from edge.fleet import FLEET_HEADER, FleetCredential, fleet_secret
 from edge.tokens import Scope, TokenSettings, TokenVerifier, issue_token
-from tests.conftest import free_port
+from bench.ports import free_port
 from tests.test_fastlane import Http
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 
