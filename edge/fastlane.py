@@ -2,10 +2,12 @@
 
 Every HTTP connection of a node starts here. A request the lane can answer from memory (a playlist,
 an init segment, part or segment in the memory tier, or a blocking reload or preload-hinted part
-parked until it exists) is answered by writing ready bytes to the transport. Anything else (other
-routes, other methods, errors, ranges, conditional requests, percent-escapes, a read through the
-lower cache tiers, a lane refusal) hands the connection to aiohttp, with the bytes of that request,
-for the rest of its life: aiohttp answers it exactly as it would have without the lane.
+parked until it exists) is answered by writing ready bytes to the transport, and so are the errors
+of those routes (a stream not live, an object gone, a reload too far ahead: the JSON aiohttp would
+send), so that a player told 404 while its stream restarts stays in the lane. Anything else (other
+routes, other methods, ranges, conditional requests, percent-escapes, a lane refusal) hands the
+connection to aiohttp, with the bytes of that request, for the rest of its life: aiohttp answers it
+exactly as it would have without the lane.
 
 Why: aiohttp spends about 180 us of CPU on each answer (request object, middleware, response object)
 and a task and a timer on each blocked request; that held one node to about 2,000 blocking waiters
@@ -29,13 +31,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any, Callable
 
 import httptools
 
-from edge.errors import LivedgeError
+from edge.errors import LivedgeError, Unauthorized
 from edge.hls import (HLS_NUMBER_MAX, PLAYLIST_CACHE_CONTROL, PLAYLIST_TYPE, HlsRoutes,
-                      ReloadQuery, object_name)
+                      ReloadQuery, no_such_object, object_name, part_late, too_far)
 from edge.limits import AddressLimits, Refusal, client_key
 from edge.logs import request_id_for
 from origin.live import LiveStream
@@ -309,41 +312,50 @@ class FastLane:
         except UnicodeDecodeError:
             return False
         token = query.get("token")
-        return self._admit(connection, token, self._route, connection, request, reply, head,
-                           steps, query, token)
+        route = _ROUTE_OBJECT if len(steps) == 3 and steps[2] != "index.m3u8" else \
+            _ROUTE_PLAYLIST if len(steps) == 3 else _ROUTE_MULTIVARIANT
+        return self._admit(connection, token, route, request.request_id, reply, self._route,
+                           connection, request, reply, head, steps, query, token)
 
     def serve_reload(self, connection: FastConnection, reload: _Reload, msn: int, part: int,
                      head: bytes) -> bool:
         """Answer or park a repeat of ``connection``'s last blocking reload; False when aiohttp
         must take the connection (as ``serve`` would have said)."""
         self.stats.repeated_reloads += 1
-        return self._admit(connection, reload.token, self._route_reload, connection, reload, msn,
-                           part, head)
+        return self._admit(connection, reload.token, _ROUTE_PLAYLIST, reload.request_id,
+                           reload.reply, self._route_reload, connection, reload, msn, part, head)
 
-    def _admit(self, connection: FastConnection, token: str | None,
-               route: Callable[..., bool | None], *args: Any) -> bool:
-        """``route(*args)`` within the address's limits."""
+    def _admit(self, connection: FastConnection, token: str | None, route: str,
+               request_id: str | None, reply: _Reply, answer: Callable[..., bool | None],
+               *args: Any) -> bool:
+        """``answer(rid, *args)`` within the address's limits; its LivedgeError answered here,
+        as aiohttp's middleware would (the connection stays in the lane)."""
         limits, address = self.limits, connection.address
         if token is not None and limits.check_auth(address) is not None:
-            return False
+            return False  # aiohttp answers 429 with Retry-After
         if limits.enter(address) is not None:
             return False
+        rid = request_id_for(request_id).encode()
         try:
-            answered = route(*args)
-        except LivedgeError:
-            answered = False
+            answered = answer(rid, *args)
+        except LivedgeError as error:
+            if token is not None and isinstance(error, Unauthorized):
+                limits.auth_failed(address)
+            self._refuse(connection, route, error, rid, reply)
+            answered = True
         if answered is not None:  # parked requests leave when they are answered
             limits.leave(address)
         return answered is not False
 
-    def _route(self, connection: FastConnection, request: _Request, reply: _Reply, head: bytes,
-               steps: list[str], query: dict[str, str], token: str | None) -> bool | None:
-        """True: answered; None: parked; False: hand over. LivedgeError: hand over (aiohttp says
-        why, and counts a failed authentication)."""
+    def _route(self, rid: bytes, connection: FastConnection, request: _Request, reply: _Reply,
+               head: bytes, steps: list[str], query: dict[str, str], token: str | None
+               ) -> bool | None:
+        """True: answered; None: parked; False: hand over; LivedgeError: answer it."""
         if len(steps) not in (2, 3):
             return False
         stream, carried = self.hls.locate(steps[0], token)
-        rid = request_id_for(request.request_id).encode()
+        if stream.is_loading():
+            return False  # aiohttp waits for the replica's log (a moment) rather than say 503
         if len(steps) == 2:
             if steps[1] != "index.m3u8" or not stream.is_ready():
                 return False
@@ -370,24 +382,26 @@ class FastLane:
                                    reply, head, name=name))
                 return None
             if state is not Readiness.READY:
-                return False  # aiohttp says why (404)
+                raise no_such_object()
         elif not is_init_name(name) or stream.object_state(rendition, name) is not Readiness.READY:
-            return False  # only the init segments the window needs are read through
+            raise no_such_object()  # only the init segments the window needs are read through
         if not self._send_object(connection, stream, rendition, name, rid, reply):
             self._read_through(connection, stream, rendition, name, rid, reply, head)
         return True
 
-    def _route_reload(self, connection: FastConnection, reload: _Reload, msn: int, part: int,
-                      head: bytes) -> bool | None:
+    def _route_reload(self, rid: bytes, connection: FastConnection, reload: _Reload, msn: int,
+                      part: int, head: bytes) -> bool | None:
         """``_route`` for a repeated reload: what can change between two (the stream, its
         renditions, the token's validity) is checked again; what cannot is not."""
         stream, carried = self.hls.locate(reload.stream_name, reload.token)
+        if stream.is_loading():
+            return False  # as in _route
         if not stream.has_rendition(reload.rendition):
-            return False  # aiohttp says why (404)
+            self.hls.rendition_of(stream, reload.rendition)  # raises the NotFound that says so
         self.hls.saw_playlist_request(stream.name, reload.client)
         return self._playlist(connection, stream, reload.rendition,
-                              ReloadQuery(msn, part, reload.skip), carried,
-                              request_id_for(reload.request_id).encode(), reload.reply, head)
+                              ReloadQuery(msn, part, reload.skip), carried, rid, reload.reply,
+                              head)
 
     def _playlist(self, connection: FastConnection, stream: LiveStream, rendition: str,
                   reload: ReloadQuery, carried: str, rid: bytes, reply: _Reply, head: bytes
@@ -401,7 +415,7 @@ class FastLane:
                                    skip=reload.skip, query=carried))
                 return None
             if state is not Readiness.READY:
-                return False  # aiohttp says why (400)
+                raise too_far()
         self._send_playlist(connection, stream, rendition, reload.skip, carried, rid, reply)
         return True
 
@@ -423,9 +437,9 @@ class FastLane:
         parts = self._heads.get(key)
         if parts is None:
             parts = self._heads[key] = (
-                (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
-                 f"Content-Length: {length}\r\nCache-Control: {cache_control}\r\n{self._cors}"
-                 "X-Request-Id: ").encode(),
+                (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+                 f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n"
+                 f"Cache-Control: {cache_control}\r\n{self._cors}X-Request-Id: ").encode(),
                 (f"\r\nServer: livedge\r\n{reply.connection_header}Date: {self._date}\r\n\r\n"
                  ).encode())
         return parts
@@ -477,19 +491,27 @@ class FastLane:
             if connection.fetching is not done:
                 return  # the connection closed meanwhile
             connection.fetching = None
-            data = None if done.cancelled() or done.exception() is not None else done.result()
-            if data is None:
-                connection.hand_over(replay=head)  # 404, or 503 without Redis: aiohttp says why
+            error = None if done.cancelled() else done.exception()
+            if done.cancelled() or (error is not None and not isinstance(error, LivedgeError)):
+                connection.hand_over(replay=head)  # aiohttp tries again, or says why
+            elif error is not None or done.result() is None:  # 503 without Redis, or 404
+                self._refuse(connection, _ROUTE_OBJECT, error or no_such_object(), rid, reply)
             else:
-                self._send_data(connection, stream, rendition, data, rid, reply)  # then on
+                self._send_data(connection, stream, rendition, done.result(), rid, reply)
 
         fetch.add_done_callback(fetched)
 
-    def _fail(self, parked: _Parked, status: int, message: str) -> None:
-        route = _ROUTE_OBJECT if parked.name else _ROUTE_PLAYLIST
-        self.answer(parked.connection, route, status, "application/json; charset=utf-8",
-                    "no-store", json.dumps({"message": message}).encode(), parked.request_id,
-                    parked.reply)
+    def _refuse(self, connection: FastConnection, route: str, error: LivedgeError, rid: bytes,
+                reply: _Reply) -> None:
+        """Answer ``error`` as aiohttp's middleware would, keeping the connection in the lane: a
+        player that is once told 404 (its stream restarting) or 400 goes on asking, and handed to
+        aiohttp it would cost five times as much for the rest of its life."""
+        self.answer(connection, route, error.status, "application/json; charset=utf-8",
+                    "no-store", json.dumps(error.to_json()).encode(), rid, reply)
+
+    def _refuse_parked(self, parked: _Parked, error: LivedgeError) -> None:
+        self._refuse(parked.connection, _ROUTE_OBJECT if parked.name else _ROUTE_PLAYLIST, error,
+                     parked.request_id, parked.reply)
 
     # -- parked requests --------------------------------------------------------------------------
     def _park(self, parked: _Parked) -> None:
@@ -556,7 +578,7 @@ class FastLane:
                 playlists += 1
                 connection.answered(reply.keep_alive, now)
             elif state is not Readiness.READY:
-                connection.hand_over(replay=parked.head)  # 400 or 404: aiohttp says why
+                self._refuse_parked(parked, no_such_object() if parked.name else too_far())
             elif not self._send_object(connection, parked.stream, parked.rendition, parked.name,
                                        parked.request_id, parked.reply):
                 self._read_through(connection, parked.stream, parked.rendition, parked.name,
@@ -594,7 +616,7 @@ class FastLane:
                 parked = group.parked.popleft()
                 if self._unpark(parked):
                     self.hls.counters.block_timeouts += 1
-                    self._fail(parked, 503, "the requested part did not arrive in time")
+                    self._refuse_parked(parked, part_late())
             self._rearm(group)
         self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep) if self._groups \
             else None
@@ -605,7 +627,6 @@ class FastLane:
         self._unpark(parked)
 
 
-_REASONS = {200: "OK", 429: "Too Many Requests", 503: "Service Unavailable"}
 _CONTENT_TYPES = {"video": "video/mp4", "audio": "audio/mp4"}
 
 

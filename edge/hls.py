@@ -80,10 +80,24 @@ class ReloadQuery:
         return cls(msn, part, skip)
 
 
+# The errors of held and missing requests, answered alike by aiohttp and the fast lane.
+def no_such_object() -> NotFound:
+    return NotFound("no such object")
+
+
+def too_far() -> BadRequest:
+    return BadRequest("_HLS_msn/_HLS_part is too far beyond the live edge")
+
+
+def part_late() -> Unavailable:
+    """RFC 8216bis 6.2.5.2: a blocked request not answered within three target durations."""
+    return Unavailable("the requested part did not arrive in time")
+
+
 def object_name(name: str) -> str:
     """``name`` if it may name an object of a rendition; NotFound otherwise."""
     if len(name) > _OBJECT_NAME_MAX or not name.isascii():
-        raise NotFound("no such object")
+        raise no_such_object()
     return name
 
 
@@ -193,9 +207,9 @@ class HlsRoutes:
             state = await self._hold(stream, rendition,
                                      lambda: stream.readiness(rendition, msn, part), timeout)
             if state is Readiness.TOO_FAR:
-                raise BadRequest("_HLS_msn/_HLS_part is too far beyond the live edge")
+                raise too_far()
             if state is Readiness.WAIT:
-                raise Unavailable("the requested part did not arrive in time")
+                raise part_late()
         return web.Response(text=stream.media_playlist(rendition, reload.skip, query),
                             content_type=PLAYLIST_TYPE,
                             headers={"Cache-Control": PLAYLIST_CACHE_CONTROL})
@@ -216,12 +230,12 @@ class HlsRoutes:
             state = await self._hold(stream, rendition, lambda: stream.object_state(rendition, name),
                                      3.0 * stream.settings.target_duration)
             if state is Readiness.WAIT:
-                raise Unavailable("the requested part did not arrive in time")
+                raise part_late()
             data = await stream.fetch_object(rendition, name) if state is Readiness.READY \
                 else None
         else:
             data = None
         if data is None:
-            raise NotFound("no such object")
+            raise no_such_object()
         return web.Response(body=data, content_type=f"{kind}/mp4", headers=headers)
 

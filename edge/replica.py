@@ -296,6 +296,9 @@ class ReplicaStream(StreamWindow):
             await asyncio.gather(self._task, return_exceptions=True)
 
     # -- what HTTP sees ----------------------------------------------------------------------------
+    def is_loading(self) -> bool:
+        return self.state is ReplicaState.LOADING
+
     async def until_loaded(self, timeout: float) -> None:
         if self.state is ReplicaState.LOADING:
             with suppress(asyncio.TimeoutError):

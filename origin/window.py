@@ -143,6 +143,10 @@ class StreamWindow:
     def has_rendition(self, rendition: str) -> bool:
         return rendition in self._logs
 
+    def is_loading(self) -> bool:
+        """True while the window does not know its tracks yet (a replica reading its log)."""
+        return False
+
     async def until_loaded(self, timeout: float) -> None:
         """Return once the window knows its tracks (at once here; a replica reads its log first),
         or after ``timeout`` seconds."""

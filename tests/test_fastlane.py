@@ -190,18 +190,22 @@ def test_a_players_repeated_reloads_are_matched_not_parsed_and_answered_alike(no
     assert metric(node.url, "livedge_fast_lane_repeated_reloads_total") - before == 4
 
 
-def test_a_repeated_reload_that_cannot_be_answered_goes_to_aiohttp(node):
+def test_a_repeated_reload_that_cannot_be_answered_is_refused_in_the_lane(node):
     http = Http(node.url)
     try:
         msn, part = next_part(http)
         first = http.get(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
         too_far = http.get(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn + 1000}&_HLS_part=0")
         nonsense = http.get(f"/hls/demo/180p/index.m3u8?_HLS_msn={2**60}&_HLS_part=0")
+        msn, part = newest_part(first[2])
+        again = http.get(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part + 1}")
     finally:
         http.close()
     assert first[0] == 200 and first[1]["server"] == "livedge"
     assert too_far[0] == 400 and "too far" in json.loads(too_far[2])["message"]
     assert nonsense[0] == 400 and "non-negative integer" in json.loads(nonsense[2])["message"]
+    assert too_far[1]["server"] == nonsense[1]["server"] == "livedge"
+    assert again[0] == 200 and again[1]["server"] == "livedge"
 
 
 def test_a_preload_hinted_part_is_held_then_sent_whole(node):
@@ -231,17 +235,43 @@ def test_pipelined_requests_are_answered_in_order(node):
     assert answers[3][2].startswith(b"#EXTM3U")  # and serves the rest of the connection
 
 
-def test_errors_are_answered_by_aiohttp_with_a_json_message(node):
-    http = Http(node.url)
+ERRORS_OF_HLS_ROUTES = [
+    ("/hls/demo/180p/nope.m4s", 404, "no such object"),
+    ("/hls/demo/180p/init-nope.mp4", 404, "no such object"),
+    ("/hls/gone/180p/index.m3u8", 404, "stream gone is not live here"),
+    ("/hls/gone/180p/part1.0.m4s", 404, "stream gone is not live here"),
+    ("/hls/demo/999p/index.m3u8", 404, "stream demo has no rendition 999p"),
+    ("/hls/demo/180p/index.m3u8?_HLS_msn=999999", 400,
+     "_HLS_msn/_HLS_part is too far beyond the live edge"),
+    ("/hls/demo/180p/index.m3u8?_HLS_part=1", 400, "_HLS_part needs _HLS_msn"),
+    ("/hls/bad..name/180p/index.m3u8", 400, None),
+]
+
+
+def test_errors_of_hls_routes_are_answered_in_the_lane_as_aiohttp_answers_them(node):
+    """A player told 404 (its stream restarting) or 400 goes on asking on the same connection: the
+    lane answers the error itself, with aiohttp's status and JSON, and keeps the connection."""
+    lane, aiohttp = Http(node.url), Http(node.url)
     try:
-        missing = http.get("/hls/demo/180p/nope.m4s")
-        bad = Http(node.url)
-        too_far = bad.get("/hls/demo/180p/index.m3u8?_HLS_msn=999999")
-        bad.close()
+        for path, status, message in ERRORS_OF_HLS_ROUTES:
+            ours = lane.get(path, headers="X-Request-Id: player-1\r\n")
+            # A conditional request is aiohttp's: the same error, as it answers it.
+            theirs = aiohttp.get(path, headers='If-None-Match: "x"\r\n')
+            assert (ours[0], ours[1]["server"]) == (status, "livedge"), (path, ours)
+            assert theirs[0] == status and theirs[1]["server"] != "livedge", (path, theirs)
+            assert json.loads(ours[2]) == json.loads(theirs[2]), path
+            if message is not None:
+                assert json.loads(ours[2]) == {"message": message}, path
+            assert ours[1]["content-type"] == theirs[1]["content-type"] == \
+                "application/json; charset=utf-8"
+            assert ours[1]["x-request-id"] == "player-1"
+            assert ours[1]["access-control-allow-origin"] == \
+                theirs[1]["access-control-allow-origin"]
+        status, headers, body = lane.get("/hls/demo/180p/index.m3u8")
     finally:
-        http.close()
-    assert missing[0] == 404 and json.loads(missing[2]) == {"message": "no such object"}
-    assert too_far[0] == 400 and "too far" in json.loads(too_far[2])["message"]
+        lane.close()
+        aiohttp.close()
+    assert status == 200 and headers["server"] == "livedge" and body.startswith(b"#EXTM3U")
 
 
 def test_a_head_larger_than_aiohttp_allows_is_refused_even_when_it_arrives_whole(node):
@@ -381,6 +411,33 @@ async def test_a_reload_parked_on_a_stream_that_stops_gets_503(tmp_path):
     assert status == 503 and headers["content-type"].startswith("application/json")
     assert json.loads(body) == {"message": "the requested part did not arrive in time"}
     assert 2.5 < waited < 6  # three target durations (1 s), swept every quarter second
+
+
+async def test_a_player_told_404_before_its_stream_is_live_is_served_by_the_lane_once_it_is(
+        tmp_path):
+    # A stream that is away (its publisher reconnecting) is answered 404 to every player asking:
+    # handed to aiohttp for that, their connections would stay there once the stream is back.
+    with running_node(tmp_path) as quiet:
+        data = await asyncio.to_thread(encode_ts, 4.0)
+        token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, "back", 3600, "lane")
+        http = Http(quiet.url)
+        try:
+            away = await asyncio.to_thread(http.get, "/hls/back/180p/index.m3u8")
+            publishing = asyncio.create_task(publish_ws(quiet.ws_url, "back", data, 4.0,
+                                                        token=token))
+            deadline = time.monotonic() + 20
+            answers = []
+            while time.monotonic() < deadline:
+                answers.append(await asyncio.to_thread(http.get, "/hls/back/180p/index.m3u8"))
+                if answers[-1][0] == 200 and PART.search(answers[-1][2].decode()):
+                    break
+                await asyncio.sleep(0.1)
+            assert await publishing == "ok"
+        finally:
+            http.close()
+    assert away[0] == 404 and away[1]["server"] == "livedge"
+    assert answers[-1][0] == 200, answers[-1]
+    assert {headers["server"] for _, headers, _ in answers} == {"livedge"}
 
 
 def next_part_of(http: Http, path: str) -> tuple[int, int]:

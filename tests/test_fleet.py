@@ -14,8 +14,8 @@ import time
 import aiohttp
 import pytest
 
-from edge.tokens import Scope, issue_token
 from bench.ports import free_port
+from edge.tokens import Scope, issue_token
 from tests.nodes import TEST_SECRET, running_node
 from tests.test_e2e_node import decode, get, wait_for_segments
 from tests.test_fastlane import newest_part

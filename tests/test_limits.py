@@ -22,6 +22,7 @@ from edge.limits import (AddressLimits, LimitSettings, Refusal, client_key, pres
 from edge.tokens import Scope, issue_token
 from tests.conftest import Clock
 from tests.nodes import TEST_SECRET, RunningNode, running_node
+from tests.test_fastlane import Http
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -239,6 +240,21 @@ async def test_failed_authentications_lock_the_address_out(node: RunningNode):
         while time.monotonic() - started < LOCKOUT + 0.2:
             await asyncio.sleep(0.1)
         assert (await get("/api/streams", ADMIN))[0] == 200
+
+
+def test_failed_playback_authentications_answered_by_the_fast_lane_lock_the_address_out(
+        tmp_path):
+    with running_node(tmp_path, PLAYBACK_AUTH="token", AUTH_FAILURE_LIMIT="5",
+                      AUTH_LOCKOUT="60") as locking:
+        http = Http(locking.url)
+        try:
+            refused = [http.get("/hls/cam/180p/index.m3u8?token=bad") for _ in range(5)]
+            locked = http.get("/hls/cam/180p/index.m3u8?token=bad")
+        finally:
+            http.close()
+    assert [(status, headers["server"]) for status, headers, _ in refused] == \
+        [(401, "livedge")] * 5
+    assert locked[0] == 429 and "failed authentications" in json.loads(locked[2])["message"]
 
 
 async def test_failed_websocket_authentications_count_for_http_too(node: RunningNode):

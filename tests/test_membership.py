@@ -9,9 +9,9 @@ import time
 import kinship
 import pytest
 
+from bench.ports import free_port
 from edge.membership import GossipMembership, GossipSettings, decode_key
 from edge.peers import PeerInfo
-from bench.ports import free_port
 
 
 async def until(predicate, timeout: float = 10.0) -> float:

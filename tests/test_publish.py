@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 import edge.node
+from bench.ports import free_port
 from edge.cache import MemoryCache
 from edge.config import load_settings
 from edge.errors import Conflict, Forbidden, TooManyRequests
@@ -26,7 +27,6 @@ from edge.publish import Publication, Publishing
 from edge.tokens import Claims, Scope
 from edge.webhooks import Webhooks
 from ingest.transcoder import LadderTranscoder
-from bench.ports import free_port
 
 
 def settings(**env: str):

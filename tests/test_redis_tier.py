@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from bench.ports import free_port
 from edge.cache import MemoryCache
 from edge.errors import Unavailable
 from edge.redis_tier import (DIRECTORY_KEY, RedisConfig, RedisTier, connect, events_key, info_key,
@@ -22,7 +23,6 @@ from edge.redis_tier import (DIRECTORY_KEY, RedisConfig, RedisTier, connect, eve
 from origin.live import LiveSettings, LiveStream, StreamEnded, TrackDeclared, object_key
 from origin.packager import PartReady, SegmentReady
 from origin.wire import decode_event, decode_settings, unpack_event
-from bench.ports import free_port
 from tests.nodes import running_node
 from tests.redis_server import REDIS_SERVER, RedisServer, redis_server
 from tests.test_live import encode_video

@@ -29,10 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from bench.ports import free_port
 from edge.errors import Unauthorized
 from edge.fleet import FLEET_HEADER, FleetCredential, fleet_secret
 from edge.tokens import Scope, TokenSettings, TokenVerifier, issue_token
-from bench.ports import free_port
 from tests.test_fastlane import Http
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 
