@@ -24,7 +24,11 @@ later; their kernel timestamps are unchanged). ``--generator-nice 0`` measures w
 The bench raises RLIMIT_NOFILE for itself and the node (root may raise the hard limit).
 
     .venv/bin/python -m bench.waiters [--counts 1000,5000,10000] [--seconds 15] [--profile 10000]
-        [--headers minimal|browser] [--anchor]
+        [--headers minimal|browser] [--anchor] [--opening-404]
+
+``--opening-404``: each connection's first request asks for a part that does not exist (404), as a
+player's does while its stream is away (a publisher reconnecting), before it reloads on the same
+connection.
 
 ``--profile N`` runs ``py-spy record`` (``pip install py-spy``) on the node during step N and
 writes a flame graph SVG next to the report.
@@ -130,10 +134,12 @@ def _kernel_time(ancillary: list[tuple[int, int, bytes]]) -> float | None:
 class WaiterPool:
     """N connections doing blocking reloads, driven by one epoll loop in this thread."""
 
-    def __init__(self, port: int, path: str, headers: bytes = MINIMAL_HEADERS) -> None:
+    def __init__(self, port: int, path: str, headers: bytes = MINIMAL_HEADERS,
+                 opening: str | None = None) -> None:
         self._port = port
         self._path = path.encode()
         self._headers = headers
+        self._opening = opening.encode() if opening else None  # a connection's first request
         self._epoll = select.epoll()
         self._waiters: dict[int, _Waiter] = {}
         self.connected = 0
@@ -198,10 +204,11 @@ class WaiterPool:
     def _ask(self, waiter: _Waiter, part: tuple[int, int] | None) -> None:
         waiter.asked = part
         query = b"?_HLS_msn=%d&_HLS_part=%d" % part if part else b""
+        target = self._path + query if part or not self._opening or waiter.answered \
+            else self._opening
         waiter.sent_at = time.time()
         try:
-            waiter.sock.send(b"GET " + self._path + query + b" HTTP/1.1\r\n" + self._headers
-                             + b"\r\n")
+            waiter.sock.send(b"GET " + target + b" HTTP/1.1\r\n" + self._headers + b"\r\n")
         except OSError as error:
             self._error(f"send {type(error).__name__}")
             self._drop(waiter.sock.fileno())
@@ -233,6 +240,7 @@ class WaiterPool:
         body = bytes(waiter.buffer[head_end + 4:head_end + 4 + length])
         del waiter.buffer[:head_end + 4 + length]
         asked = waiter.asked
+        opening = not waiter.answered and self._opening is not None
         if not waiter.answered:
             waiter.answered = True
             self.unanswered -= 1
@@ -246,7 +254,7 @@ class WaiterPool:
                 for part in listed_parts(body):
                     if (part.msn, part.index) == asked:
                         self.production[asked] = part.produced_at
-        if status != 200:
+        if status != (404 if opening else 200):
             self._error(f"status {status}")
         if self.reloading:
             self._ask(waiter, hint or self.newest_hint)
@@ -337,11 +345,11 @@ def calibrate(port: int, path: str, seconds: float = 4.0) -> float:
 
 def run_step(node, path: str, count: int, seconds: float, offset: float,
              profile_to: Path | None, generator_nice: int = 0,
-             headers: bytes = MINIMAL_HEADERS) -> StepResult:
+             headers: bytes = MINIMAL_HEADERS, opening: str | None = None) -> StepResult:
     niceness = os.getpriority(os.PRIO_PROCESS, 0)
     os.setpriority(os.PRIO_PROCESS, 0, niceness + generator_nice)  # this thread: the generator
     try:
-        return _run_step(node, path, count, seconds, offset, profile_to, headers)
+        return _run_step(node, path, count, seconds, offset, profile_to, headers, opening)
     finally:
         try:
             os.setpriority(os.PRIO_PROCESS, 0, niceness)
@@ -351,12 +359,12 @@ def run_step(node, path: str, count: int, seconds: float, offset: float,
 
 
 def _run_step(node, path: str, count: int, seconds: float, offset: float,
-              profile_to: Path | None, headers: bytes) -> StepResult:
+              profile_to: Path | None, headers: bytes, opening: str | None) -> StepResult:
     idle = node.sample()
     time.sleep(2)
     idle_cpu = cpu_share(idle, node.sample())
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
-    pool = WaiterPool(node.port, path, headers)
+    pool = WaiterPool(node.port, path, headers, opening)
     status, body = http_get(node.url + path)
     pool.newest_hint = preload_hint(body) if status == 200 else None
     spy = None
@@ -441,6 +449,8 @@ def main() -> None:
     parser.add_argument("--keep-logs", action="store_true", help="copy each node's log here")
     parser.add_argument("--profile-format", choices=["svg", "txt"], default="svg",
                         help="flame graph, or collapsed stacks (text)")
+    parser.add_argument("--opening-404", action="store_true",
+                        help="each connection first asks for a part that does not exist")
     parser.add_argument("--headers", choices=["minimal", "browser"], default="minimal",
                         help="each request's headers: Host alone, or Chrome's 14 (hls.js)")
     parser.add_argument("--anchor", action="store_true",
@@ -484,8 +494,10 @@ def _measure(server, count: int, path: str, args: argparse.Namespace, is_node: b
         profile = Path(f"waiters-{count}.{args.profile_format}").resolve() \
             if is_node and args.profile == count else None
         headers = BROWSER_HEADERS if args.headers == "browser" else MINIMAL_HEADERS
+        opening = path.rsplit("/", 1)[0] + "/part0.999.m4s" if is_node and args.opening_404 \
+            else None
         result = run_step(node, path, count, args.seconds, offset, profile, args.generator_nice,
-                          headers)
+                          headers, opening)
         print(table([("", result)]).splitlines()[-1], file=sys.stderr)
         if args.keep_logs and node.log_path is not None:
             shutil.copy(node.log_path, Path(f"waiters-{count}-{node.pid}.log").resolve())

@@ -41,6 +41,18 @@ def test_every_waiter_is_answered_when_its_part_is_produced(server):
         assert result.answer_bytes == 1500  # padded to the size it was given
 
 
+def test_waiters_whose_connections_opened_with_a_404_are_measured_without_errors(tmp_path):
+    """``--opening-404``: each connection first asks for a part that does not exist."""
+    with running_node(tmp_path, "--demo", LADDER="180p:320x180:250k", SEGMENT_DURATION="2",
+                      PART_DURATION="0.333") as node:
+        wait_for_stream(node.url, STREAM)
+        offset = calibrate(node.port, PATH, seconds=2.0)
+        result = run_step(node, PATH, WAITERS, 3.0, offset, None,
+                          opening=PATH.replace("index.m3u8", "part0.999.m4s"))
+    assert result.connected == WAITERS and result.errors == {}
+    assert result.parts >= 5 and result.blocked_answers >= 5 * WAITERS
+
+
 def test_the_anchor_lists_parts_and_hints_the_next_like_a_node(tmp_path):
     with running_node(tmp_path, "--part", "0.25", program=("bench.anchor",)) as anchor:
         status, body = http_get(anchor.url + PATH)
