@@ -1,8 +1,8 @@
 """The fast lane: hot LL-HLS requests answered without aiohttp's per-request machinery.
 
 Every HTTP connection of a node starts here. A request the lane can answer from memory (a playlist,
-an init segment, part or segment in the memory tier, or a blocking reload or preload-hinted part
-parked until it exists) is answered by writing ready bytes to the transport, and so are the errors
+an init segment, part or segment in the memory tier, or a blocking reload, preload-hinted part or
+starting stream's multivariant playlist parked until it exists) is answered by writing ready bytes to the transport, and so are the errors
 of those routes (a stream not live, an object gone, a reload too far ahead: the JSON aiohttp would
 send), so that a player told 404 while its stream restarts stays in the lane. Anything else (other
 routes, other methods, ranges, conditional requests, percent-escapes, a lane refusal) hands the
@@ -38,10 +38,11 @@ import httptools
 
 from edge.errors import LivedgeError, Unauthorized
 from edge.hls import (HLS_NUMBER_MAX, PLAYLIST_CACHE_CONTROL, PLAYLIST_TYPE, HlsRoutes,
-                      ReloadQuery, no_such_object, object_name, part_late, too_far)
+                      ReloadQuery, first_media_timeout, no_media_yet, no_such_object, object_name,
+                      part_late, too_far)
 from edge.limits import AddressLimits, Refusal, client_key
 from edge.logs import request_id_for
-from origin.live import LiveStream
+from origin.live import ANY_RENDITION, LiveStream
 from origin.rendition import Readiness, is_init_name
 
 MAX_HEAD_BYTES = 8190  # aiohttp's limit for a request line and headers; past it aiohttp says why
@@ -194,7 +195,7 @@ class _Parked:
 
     connection: FastConnection
     stream: LiveStream
-    rendition: str
+    rendition: str  # ANY_RENDITION: a multivariant playlist, held until the stream is ready
     deadline: float  # loop time
     request_id: bytes
     reply: _Reply
@@ -206,6 +207,11 @@ class _Parked:
     name: str = ""  # ... or a preload-hinted part or segment
 
     def readiness(self) -> Readiness:
+        if self.rendition == ANY_RENDITION:  # a multivariant playlist: the stream's first parts
+            try:
+                return Readiness.READY if self.stream.is_ready() else Readiness.WAIT
+            except LivedgeError:
+                return Readiness.GONE
         if self.name:
             return self.stream.object_state(self.rendition, self.name)
         return self.stream.readiness(self.rendition, self.msn, self.part)
@@ -357,11 +363,14 @@ class FastLane:
         if stream.is_loading():
             return False  # aiohttp waits for the replica's log (a moment) rather than say 503
         if len(steps) == 2:
-            if steps[1] != "index.m3u8" or not stream.is_ready():
+            if steps[1] != "index.m3u8":
                 return False
-            body = stream.multivariant_playlist(carried).encode()
-            self.answer(connection, _ROUTE_MULTIVARIANT, 200, PLAYLIST_CONTENT_TYPE,
-                        PLAYLIST_CACHE_CONTROL, body, rid, reply)
+            if not stream.is_ready():  # starting: held until its first parts
+                self._park(_Parked(connection, stream, ANY_RENDITION,
+                                   self._loop.time() + first_media_timeout(stream), rid, reply,
+                                   head, query=carried))
+                return None
+            self._send_multivariant(connection, stream, carried, rid, reply)
             return True
         rendition = self.hls.rendition_of(stream, steps[1])
         if steps[2] == "index.m3u8":
@@ -455,6 +464,12 @@ class FastLane:
         self._tally(route, status, 1)
         connection.answered(reply.keep_alive, self._loop.time())
 
+    def _send_multivariant(self, connection: FastConnection, stream: LiveStream, carried: str,
+                           rid: bytes, reply: _Reply) -> None:
+        body = stream.multivariant_playlist(carried).encode()
+        self.answer(connection, _ROUTE_MULTIVARIANT, 200, PLAYLIST_CONTENT_TYPE,
+                    PLAYLIST_CACHE_CONTROL, body, rid, reply)
+
     def _send_playlist(self, connection: FastConnection, stream: LiveStream, rendition: str,
                        skip: bool, carried: str, rid: bytes, reply: _Reply) -> None:
         body = stream.media_playlist(rendition, skip, carried).encode()
@@ -510,8 +525,9 @@ class FastLane:
                     "no-store", json.dumps(error.to_json()).encode(), rid, reply)
 
     def _refuse_parked(self, parked: _Parked, error: LivedgeError) -> None:
-        self._refuse(parked.connection, _ROUTE_OBJECT if parked.name else _ROUTE_PLAYLIST, error,
-                     parked.request_id, parked.reply)
+        route = _ROUTE_OBJECT if parked.name else _ROUTE_MULTIVARIANT \
+            if parked.rendition == ANY_RENDITION else _ROUTE_PLAYLIST
+        self._refuse(parked.connection, route, error, parked.request_id, parked.reply)
 
     # -- parked requests --------------------------------------------------------------------------
     def _park(self, parked: _Parked) -> None:
@@ -564,7 +580,12 @@ class FastLane:
             connection.parked = None
             unparked += 1
             leaving[connection.address] = leaving.get(connection.address, 0) + 1
-            if state is Readiness.READY and not parked.name:
+            if state is Readiness.READY and parked.rendition == ANY_RENDITION:
+                self._send_multivariant(connection, parked.stream, parked.query,
+                                        parked.request_id, parked.reply)
+            elif state is Readiness.GONE and parked.rendition == ANY_RENDITION:
+                connection.hand_over(replay=parked.head)  # a replica gone: aiohttp says why
+            elif state is Readiness.READY and not parked.name:
                 reply = parked.reply
                 shape = (parked.skip, parked.query, reply.connection_header)
                 wire = wires.get(shape)
@@ -616,7 +637,8 @@ class FastLane:
                 parked = group.parked.popleft()
                 if self._unpark(parked):
                     self.hls.counters.block_timeouts += 1
-                    self._refuse_parked(parked, part_late())
+                    self._refuse_parked(parked, no_media_yet(parked.stream)
+                                        if parked.rendition == ANY_RENDITION else part_late())
             self._rearm(group)
         self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep) if self._groups \
             else None

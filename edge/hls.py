@@ -94,6 +94,16 @@ def part_late() -> Unavailable:
     return Unavailable("the requested part did not arrive in time")
 
 
+def no_media_yet(stream: LiveStream) -> Unavailable:
+    return Unavailable(f"stream {stream.name} has no media yet")
+
+
+def first_media_timeout(stream: LiveStream) -> float:
+    """How long a multivariant playlist request waits for a starting stream's first parts: a
+    player that arrives as the publish starts waits for them, not a 404."""
+    return 2 * stream.settings.segment_duration + 1.0
+
+
 def object_name(name: str) -> str:
     """``name`` if it may name an object of a rendition; NotFound otherwise."""
     if len(name) > _OBJECT_NAME_MAX or not name.isascii():
@@ -185,12 +195,11 @@ class HlsRoutes:
     async def multivariant(self, request: web.Request) -> web.Response:
         stream, query = await self._stream(request)
         if not stream.is_ready():
-            # A player that arrives as the publish starts waits for the first parts, not a 404.
-            deadline = time.monotonic() + 2 * stream.settings.segment_duration + 1.0
+            deadline = time.monotonic() + first_media_timeout(stream)
             while not stream.is_ready() and time.monotonic() < deadline:
                 await stream.wait_changed(ANY_RENDITION, deadline - time.monotonic())
             if not stream.is_ready():
-                raise Unavailable(f"stream {stream.name} has no media yet")
+                raise no_media_yet(stream)
         return web.Response(text=stream.multivariant_playlist(query), content_type=PLAYLIST_TYPE,
                             headers={"Cache-Control": PLAYLIST_CACHE_CONTROL})
 

@@ -134,7 +134,7 @@ class StreamWindow:
             if event is not None:
                 event.set()
         callbacks = [self._on_change.pop(key) for key in list(self._on_change)] \
-            if rendition == ANY_RENDITION else [self._on_change.pop(rendition, [])]
+            if rendition == ANY_RENDITION else [self._on_change.pop(key, []) for key in keys]
         for batch in callbacks:
             for callback in batch:
                 callback()
@@ -167,7 +167,8 @@ class StreamWindow:
         return True
 
     def call_on_change(self, rendition: str, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` once, at the next change of ``rendition``. For waiters that are not
+        """Call ``callback()`` once, at the next change of ``rendition`` (of any rendition, with
+        ``ANY_RENDITION``). For waiters that are not
         tasks (the fast lane parks thousands): the callback must be quick and must not raise."""
         self._on_change.setdefault(rendition, []).append(callback)
 

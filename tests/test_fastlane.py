@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from websockets.asyncio.client import connect
 
 from bench.soak import encode_ts, publish_ws
 from edge.tokens import Scope, issue_token
@@ -438,6 +439,54 @@ async def test_a_player_told_404_before_its_stream_is_live_is_served_by_the_lane
     assert away[0] == 404 and away[1]["server"] == "livedge"
     assert answers[-1][0] == 200, answers[-1]
     assert {headers["server"] for _, headers, _ in answers} == {"livedge"}
+
+
+async def test_a_starting_streams_multivariant_playlist_is_held_in_the_lane_until_its_parts(
+        tmp_path):
+    # Viewers waiting for a show to start ask for it again and again: the one that asks as the
+    # publish starts is held for the first parts (as aiohttp would hold it), in the lane.
+    with running_node(tmp_path) as quiet:
+        data = await asyncio.to_thread(encode_ts, 4.0)
+        token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, "show", 3600, "lane")
+        held_before = metric(quiet.url, "livedge_blocked_requests_total")
+        http = Http(quiet.url)
+        try:
+            publishing = asyncio.create_task(publish_ws(quiet.ws_url, "show", data, 4.0,
+                                                        token=token))
+            deadline = time.monotonic() + 20
+            answers = []
+            while time.monotonic() < deadline:
+                answers.append(await asyncio.to_thread(http.get, "/hls/show/index.m3u8"))
+                if answers[-1][0] == 200:
+                    break
+                await asyncio.sleep(0.02)
+            assert await publishing == "ok"
+        finally:
+            http.close()
+        held = metric(quiet.url, "livedge_blocked_requests_total") - held_before
+    assert answers[-1][0] == 200 and b"#EXT-X-STREAM-INF" in answers[-1][2]
+    assert {status for status, _, _ in answers} <= {404, 200}
+    assert {headers["server"] for _, headers, _ in answers} == {"livedge"}
+    assert held >= 1
+
+
+async def test_a_multivariant_playlist_held_for_parts_that_never_come_gets_503(tmp_path):
+    with running_node(tmp_path) as quiet:
+        token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, "silent", 3600, "lane")
+        # A publisher that connects and sends nothing: the stream exists, without media.
+        async with connect(f"{quiet.ws_url}/ingest/silent", open_timeout=5,
+                           additional_headers={"Authorization": f"Bearer {token}"}):
+            http = Http(quiet.url)
+            try:
+                started = time.monotonic()
+                status, headers, body = await asyncio.to_thread(http.get,
+                                                                "/hls/silent/index.m3u8")
+                waited = time.monotonic() - started
+            finally:
+                http.close()
+    assert (status, headers["server"]) == (503, "livedge")
+    assert json.loads(body) == {"message": "stream silent has no media yet"}
+    assert 2.5 < waited < 6  # two segments and a second (SEGMENT_DURATION=1), swept each 0.25 s
 
 
 def next_part_of(http: Http, path: str) -> tuple[int, int]:

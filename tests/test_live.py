@@ -12,7 +12,7 @@ import pytest
 
 from edge.cache import MemoryCache
 from ingest.media import EncodedSample, TrackInfo, TrackKind
-from origin.live import LiveSettings, LiveStream, object_key
+from origin.live import ANY_RENDITION, LiveSettings, LiveStream, object_key
 from origin.rendition import Readiness
 
 SETTINGS = LiveSettings(segment_duration=1.0, part_duration=0.25, window_segments=4)
@@ -80,6 +80,20 @@ async def test_a_blocked_reload_wakes_when_its_part_arrives(stream):
     assert await waiter
     assert stream.readiness("90p", 0, 1) is Readiness.READY
     assert 'URI="part0.1.m4s"' in stream.media_playlist("90p")
+
+
+async def test_callbacks_on_any_rendition_run_at_a_change_of_one(stream):
+    track, samples = encode_video(1.0)
+    stream.add_track(track)
+    calls = []
+    stream.call_on_change(ANY_RENDITION, lambda: calls.append("any"))
+    stream.call_on_change("90p", lambda: calls.append("90p"))
+    stream.call_on_change("other", lambda: calls.append("other"))
+    assert not stream.is_ready()
+    for sample in samples[:9]:  # part 0 completes: the stream becomes ready
+        stream.add_sample("90p", sample)
+    assert stream.is_ready()
+    assert sorted(calls) == ["90p", "any"]  # once each; the other rendition's stays registered
 
 
 async def test_objects_that_leave_the_window_are_unpinned(stream):
