@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class LaneStats:
     connections_refused: int = 0  # over the per-address connection cap
     read_through: int = 0  # objects the lane read through the lower tiers (not in memory)
     repeated_reloads: int = 0  # reloads matched against their connection's last, not parsed
+    repeated_objects: int = 0  # object requests matched the same way
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,21 +139,36 @@ _NUMBER_DIGITS = 16  # as edge.hls reads them
 
 
 @dataclass(frozen=True, slots=True)
-class _Reload:
-    """A connection's last blocking playlist reload, as a template. A player asks the same head
-    again and again with only the ``_HLS_msn`` and ``_HLS_part`` values changed: the next one is
-    matched against this one (about 2 µs) instead of parsed, checked and routed again (15-20 µs
-    for a browser's head; bench/README.md: a third less node CPU per blocking reload)."""
+class _Template:
+    """A connection's last request of one kind, as a template. A player asks the same head again
+    and again with only a few bytes changed (the numbers of a blocking reload, the name of a
+    part): the next one is matched against this one (about 2 µs) instead of parsed, checked and
+    routed again (15-20 µs for a browser's head; bench/README.md: a third less node CPU per
+    blocking reload)."""
 
-    before: bytes  # the head up to the _HLS_msn value
-    after: bytes  # the head from the end of the _HLS_part value on
+    before: bytes  # the head up to the bytes that change
+    after: bytes  # the head from their end on
     stream_name: str
     rendition: str
     token: str | None
-    skip: bool
     request_id: str | None  # the client's X-Request-Id
-    client: str  # "address|user agent", for the viewer count
     reply: _Reply
+
+    def middle(self, head: bytes) -> bytes | None:
+        """What ``head`` has between ``before`` and ``after``, if it has both."""
+        before, after = self.before, self.after
+        if len(head) <= len(before) + len(after) or not head.startswith(before) \
+                or not head.endswith(after):
+            return None
+        return head[len(before):len(head) - len(after)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reload(_Template):
+    """A blocking playlist reload: ``_HLS_msn`` and ``_HLS_part`` values change."""
+
+    skip: bool = False
+    client: str = ""  # "address|user agent", for the viewer count
 
     @classmethod
     def of(cls, head: bytes, url: bytes, **route: Any) -> _Reload | None:
@@ -177,16 +194,42 @@ class _Reload:
 
     def numbers(self, head: bytes) -> tuple[int, int] | None:
         """(msn, part) if ``head`` is this reload with other numbers, else None."""
-        before, after = self.before, self.after
-        if len(head) <= len(before) + len(after) or not head.startswith(before) \
-                or not head.endswith(after):
+        middle = self.middle(head)
+        if middle is None:
             return None
-        msn, sep, part = head[len(before):len(head) - len(after)].partition(_PART_KEY)
+        msn, sep, part = middle.partition(_PART_KEY)
         if not (sep and msn.isdigit() and part.isdigit() and len(msn) <= _NUMBER_DIGITS
                 and len(part) <= _NUMBER_DIGITS):
             return None
         numbers = int(msn), int(part)
         return numbers if max(numbers) <= HLS_NUMBER_MAX else None
+
+
+# The object names a template matches: those the packager makes (parts, segments, init segments).
+_TEMPLATE_OBJECT_NAME = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}\.(?:m4s|mp4)")
+
+
+@dataclass(frozen=True, slots=True)
+class _ObjectRequest(_Template):
+    """A request for an object of a rendition: the name changes."""
+
+    @classmethod
+    def of(cls, head: bytes, url: bytes, **route: Any) -> _ObjectRequest | None:
+        """The template of ``head`` (whose request target is ``url``), if it names an object as
+        the packager names them."""
+        path = url.partition(b"?")[0]
+        target = head.index(b" ") + 1  # "GET <url> HTTP/...": the target starts after a space
+        start, end = target + path.rindex(b"/") + 1, target + len(path)
+        if not _TEMPLATE_OBJECT_NAME.fullmatch(head, start, end):
+            return None
+        return cls(head[:start], head[end:], **route)
+
+    def name(self, head: bytes) -> str | None:
+        """The object ``head`` asks for if it is this request with another name, else None."""
+        middle = self.middle(head)
+        if middle is None or not _TEMPLATE_OBJECT_NAME.fullmatch(middle):
+            return None
+        return middle.decode("ascii")
 
 
 @dataclass(eq=False, slots=True)
@@ -331,6 +374,13 @@ class FastLane:
         return self._admit(connection, reload.token, _ROUTE_PLAYLIST, reload.request_id,
                            reload.reply, self._route_reload, connection, reload, msn, part, head)
 
+    def serve_object(self, connection: FastConnection, fetch: _ObjectRequest, name: str,
+                     head: bytes) -> bool:
+        """Answer or park a repeat of ``connection``'s last object request with another name."""
+        self.stats.repeated_objects += 1
+        return self._admit(connection, fetch.token, _ROUTE_OBJECT, fetch.request_id, fetch.reply,
+                           self._route_object, connection, fetch, name, head)
+
     def _admit(self, connection: FastConnection, token: str | None, route: str,
                request_id: str | None, reply: _Reply, answer: Callable[..., bool | None],
                *args: Any) -> bool:
@@ -384,6 +434,15 @@ class FastLane:
             return self._playlist(connection, stream, rendition, reload, carried, rid, reply,
                                   head)
         name = object_name(steps[2])
+        connection.fetch = _ObjectRequest.of(
+            head, request.url, stream_name=steps[0], rendition=rendition, token=token,
+            request_id=request.request_id, reply=reply)
+        return self._object(rid, connection, stream, rendition, name, reply, head)
+
+    def _object(self, rid: bytes, connection: FastConnection, stream: LiveStream, rendition: str,
+                name: str, reply: _Reply, head: bytes) -> bool | None:
+        """A part or segment (parked until it exists when it is being made), or an init segment
+        the window needs."""
         if name.endswith(".m4s"):
             state = stream.object_state(rendition, name)
             if state is Readiness.WAIT:
@@ -398,15 +457,30 @@ class FastLane:
             self._read_through(connection, stream, rendition, name, rid, reply, head)
         return True
 
+    def _relocate(self, template: _Template) -> tuple[LiveStream, str] | None:
+        """The stream of a repeated request and the query to carry, checked again: what can
+        change between two requests (the stream, its renditions, the token's validity) is; what
+        cannot is not. None while a replica loads (as in ``_route``)."""
+        stream, carried = self.hls.locate(template.stream_name, template.token)
+        if stream.is_loading():
+            return None
+        if not stream.has_rendition(template.rendition):
+            self.hls.rendition_of(stream, template.rendition)  # raises the NotFound that says so
+        return stream, carried
+
+    def _route_object(self, rid: bytes, connection: FastConnection, fetch: _ObjectRequest,
+                      name: str, head: bytes) -> bool | None:
+        located = self._relocate(fetch)
+        if located is None:
+            return False
+        return self._object(rid, connection, located[0], fetch.rendition, name, fetch.reply, head)
+
     def _route_reload(self, rid: bytes, connection: FastConnection, reload: _Reload, msn: int,
                       part: int, head: bytes) -> bool | None:
-        """``_route`` for a repeated reload: what can change between two (the stream, its
-        renditions, the token's validity) is checked again; what cannot is not."""
-        stream, carried = self.hls.locate(reload.stream_name, reload.token)
-        if stream.is_loading():
-            return False  # as in _route
-        if not stream.has_rendition(reload.rendition):
-            self.hls.rendition_of(stream, reload.rendition)  # raises the NotFound that says so
+        located = self._relocate(reload)
+        if located is None:
+            return False
+        stream, carried = located
         self.hls.saw_playlist_request(stream.name, reload.client)
         return self._playlist(connection, stream, reload.rendition,
                               ReloadQuery(msn, part, reload.skip), carried, rid, reload.reply,
@@ -669,6 +743,7 @@ class FastConnection(asyncio.Protocol):
         self.parked: _Parked | None = None
         self.fetching: asyncio.Task | None = None  # an object read through the lower tiers
         self.reload: _Reload | None = None  # the last blocking reload, as a template
+        self.fetch: _ObjectRequest | None = None  # the last object request, as a template
         self._buffer = bytearray()
         self._request = _Request()
         self._handler: Any = None  # aiohttp's protocol once handed over
@@ -758,10 +833,9 @@ class FastConnection(asyncio.Protocol):
                     self.hand_over()  # a head too large, whole or not: aiohttp answers 400
                 break
             head = bytes(buffer[:end + 4])
-            reload = self.reload
-            numbers = reload.numbers(head) if reload is not None else None
-            if numbers is not None:
-                if not self.lane.serve_reload(self, reload, *numbers, head):  # type: ignore[arg-type]
+            served = self._serve_repeat(head)
+            if served is not None:
+                if not served:
                     self.hand_over()
                     break
                 del buffer[:end + 4]
@@ -780,6 +854,20 @@ class FastConnection(asyncio.Protocol):
             del buffer[:end + 4]
         if self._handler is None and not self._closing:
             self._throttle_reading(len(buffer) > MAX_BUFFERED_BYTES)
+
+    def _serve_repeat(self, head: bytes) -> bool | None:
+        """Serve ``head`` if it repeats this connection's last reload or object request (as
+        ``FastLane.serve`` answers); None if it does not."""
+        reload, fetch = self.reload, self.fetch
+        if reload is not None:
+            numbers = reload.numbers(head)
+            if numbers is not None:
+                return self.lane.serve_reload(self, reload, *numbers, head)
+        if fetch is not None:
+            name = fetch.name(head)
+            if name is not None:
+                return self.lane.serve_object(self, fetch, name, head)
+        return None
 
     def _throttle_reading(self, pause: bool) -> None:
         if pause != self._read_paused and self.transport is not None:

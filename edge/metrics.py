@@ -154,6 +154,9 @@ class NodeCollector(Collector):
             yield CounterMetricFamily("livedge_fast_lane_repeated_reloads",
                                       "Blocking reloads matched against their connection's last "
                                       "one instead of parsed", value=lane.repeated_reloads)
+            yield CounterMetricFamily("livedge_fast_lane_repeated_objects",
+                                      "Object requests matched against their connection's last "
+                                      "one instead of parsed", value=lane.repeated_objects)
             yield CounterMetricFamily("livedge_http_connections_refused",
                                       "Connections refused over MAX_CONNECTIONS_PER_ADDRESS",
                                       value=lane.connections_refused)

@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 
 from bench.soak import encode_ts, publish_ws
 from edge.tokens import Scope, issue_token
-from edge.fastlane import _KEEP_ALIVE, _Reload
+from edge.fastlane import _KEEP_ALIVE, _ObjectRequest, _Reload
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 
 HINT = re.compile(r'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="part(\d+)\.(\d+)\.m4s"')
@@ -189,6 +189,40 @@ def test_a_players_repeated_reloads_are_matched_not_parsed_and_answered_alike(no
         http.close()
     assert len(parts) == 4 and status == 200 and newest_part(body) >= (msn, part)
     assert metric(node.url, "livedge_fast_lane_repeated_reloads_total") - before == 4
+
+
+def test_a_players_part_requests_are_matched_not_parsed_and_answered_alike(node):
+    http = Http(node.url)
+    before = metric(node.url, "livedge_fast_lane_repeated_objects_total")
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # until the window lists four parts
+            _, _, playlist = http.get("/hls/demo/180p/index.m3u8")
+            listed = sorted({tuple(map(int, found)) for found in PART.findall(playlist.decode())})
+            if len(listed) >= 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        names = ["init.mp4"] + [f"part{msn}.{part}.m4s" for msn, part in listed[-4:]]
+        # The first request is parsed and becomes the template; the next four match it.
+        matched = [http.get(f"/hls/demo/180p/{name}") for name in names]
+        # Each answered as on a connection that parses it (one connection per request).
+        parsed = []
+        for name in names:
+            fresh = Http(node.url)
+            try:
+                parsed.append(fresh.get(f"/hls/demo/180p/{name}"))
+            finally:
+                fresh.close()
+        missing = http.get("/hls/demo/180p/part0.999.m4s")
+    finally:
+        http.close()
+    assert len(names) == 5
+    assert metric(node.url, "livedge_fast_lane_repeated_objects_total") - before == 5
+    for (status, headers, body), (status2, headers2, body2) in zip(matched, parsed):
+        assert status == status2 == 200 and body == body2 and headers["server"] == "livedge"
+        assert headers["content-type"] == headers2["content-type"]
+        assert headers["cache-control"] == headers2["cache-control"]
+    assert missing[0] == 404 and json.loads(missing[2]) == {"message": "no such object"}
 
 
 def test_a_repeated_reload_that_cannot_be_answered_is_refused_in_the_lane(node):
@@ -540,3 +574,44 @@ def test_a_reload_template_matches_nothing_but_other_numbers(change):
 def test_only_a_query_with_adjacent_msn_then_part_makes_a_template(query):
     head = b"GET /hls/cam/360p/index.m3u8?" + query + b" HTTP/1.1\r\nHost: x\r\n\r\n"
     assert reload_template(head) is None
+
+
+# -- object request templates (pure) ---------------------------------------------------------------
+OBJECT_HEAD = (b"GET /hls/cam/360p/part12.3.m4s?token=t HTTP/1.1\r\nHost: x\r\n"
+               b"User-Agent: ua\r\n\r\n")
+
+
+def object_template(head: bytes = OBJECT_HEAD) -> _ObjectRequest | None:
+    url = head.split(b" ")[1]
+    return _ObjectRequest.of(head, url, stream_name="cam", rendition="360p", token="t",
+                             request_id=None, reply=_KEEP_ALIVE)
+
+
+def test_an_object_template_reads_the_names_of_its_repeats():
+    template = object_template()
+    assert template is not None
+    assert template.name(OBJECT_HEAD) == "part12.3.m4s"
+    assert template.name(OBJECT_HEAD.replace(b"part12.3.m4s", b"seg13.m4s")) == "seg13.m4s"
+    assert template.name(OBJECT_HEAD.replace(b"part12.3.m4s", b"init-2.mp4")) == "init-2.mp4"
+
+
+@pytest.mark.parametrize("change", [
+    (b"part12.3.m4s", b"index.m3u8"),  # a playlist: another route
+    (b"part12.3.m4s", b"x/part12.3.m4s"),  # another depth of path
+    (b"part12.3.m4s", b"part%31.m4s"),  # an escape aiohttp would decode
+    (b"part12.3.m4s", b".m4s"),
+    (b"part12.3.m4s", b"p" * 70 + b".m4s"),
+    (b"360p/", b"180p/"),  # another rendition
+    (b"token=t", b"token=u"),  # another token: checked anew
+    (b"User-Agent: ua", b"User-Agent: other"),
+    (b"Host: x\r\n", b"Host: x\r\nRange: bytes=0-1\r\n"),  # one the lane hands over
+    (b"GET ", b"HEAD "),
+])
+def test_an_object_template_matches_nothing_but_other_object_names(change):
+    template = object_template()
+    assert template is not None and template.name(OBJECT_HEAD.replace(*change)) is None
+
+
+@pytest.mark.parametrize("name", [b"index.m3u8", b"nope", b"a%20b.m4s"])
+def test_only_an_object_the_packager_could_name_makes_a_template(name):
+    assert object_template(OBJECT_HEAD.replace(b"part12.3.m4s", name)) is None

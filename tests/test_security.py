@@ -370,6 +370,29 @@ def test_a_players_repeated_reloads_stop_when_its_token_expires(token_node):
     assert expired[0] == 401 and b"#EXT" not in expired[2]
 
 
+def test_a_players_repeated_part_requests_stop_when_its_token_expires(token_node):
+    # A player's part requests on one connection are matched against the first, not parsed again
+    # (edge/fastlane.py): the token in them must still be checked each time.
+    part = re.compile(r'URI="(part\d+\.\d+\.m4s)\?token=')
+    expires = int(time.time()) + 1
+    token = rs256(claims("play", "demo", exp=expires))
+    http = Http(token_node.url)
+    try:
+        names: list[str] = []
+        while len(names) < 2:  # a stream just started lists no part yet
+            status, _, body = http.get(f"/hls/demo/360p/index.m3u8?token={token}")
+            assert status == 200
+            names = part.findall(body.decode())
+            time.sleep(0.0 if len(names) >= 2 else 0.2)
+        first = http.get(f"/hls/demo/360p/{names[-1]}?token={token}")
+        time.sleep(max(0.0, expires + TokenSettings.leeway_seconds + 1.0 - time.time()))
+        expired = http.get(f"/hls/demo/360p/{names[-2]}?token={token}")
+    finally:
+        http.close()
+    assert first[0] == 200 and first[1]["server"] == "livedge" and b"moof" in first[2][:64]
+    assert expired[0] == 401 and b"moof" not in expired[2]
+
+
 # -- the fleet's peer API -------------------------------------------------------------------------------
 
 GOSSIP_KEY = os.urandom(32)
