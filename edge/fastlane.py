@@ -14,8 +14,9 @@ and a task and a timer on each blocked request; that held one node to about 2,00
 and a quarter of nginx's rate for 30 KB parts (bench/README.md). Here a parked request is a small
 object in a deque: one wake per (stream, rendition) change answers every request it satisfies, and
 one sweep a quarter second answers the timed-out ones with 503. A connection's repeated blocking
-reloads, which differ only in ``_HLS_msn`` and ``_HLS_part``, are matched against its last one
-rather than parsed again (``_Reload``).
+reloads, which differ only in ``_HLS_msn`` and ``_HLS_part``, and its repeated object requests,
+which differ only in the name, are matched against its last one of the kind rather than parsed
+again (``_Template``).
 
 The lane applies what aiohttp's middleware applies to the same requests: per-address limits,
 request ids, CORS headers, request metrics, and the slow-client deadline (``read_timeout``: the time
