@@ -9,6 +9,7 @@ import re
 import socket
 import time
 import urllib.request
+from typing import Callable
 
 import pytest
 from websockets.asyncio.client import connect
@@ -448,26 +449,36 @@ async def test_a_reload_parked_on_a_stream_that_stops_gets_503(tmp_path):
     assert 2.5 < waited < 6  # three target durations (1 s), swept every quarter second
 
 
+async def ask_while_publishing(node: RunningNode, http: Http, stream: str, path: str,
+                               pause: float, done: Callable[[int, bytes], bool]
+                               ) -> list[tuple[int, dict[str, str], bytes]]:
+    """Publish 4 s of media as ``stream`` while asking for ``path`` on ``http`` every ``pause``
+    seconds until ``done(status, body)`` (20 s at most); the answers."""
+    data = await asyncio.to_thread(encode_ts, 4.0)
+    token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, stream, 3600, "lane")
+    publishing = asyncio.create_task(publish_ws(node.ws_url, stream, data, 4.0, token=token))
+    deadline = time.monotonic() + 20
+    answers = []
+    while time.monotonic() < deadline:
+        answers.append(await asyncio.to_thread(http.get, path))
+        if done(answers[-1][0], answers[-1][2]):
+            break
+        await asyncio.sleep(pause)
+    assert await publishing == "ok"
+    return answers
+
+
 async def test_a_player_told_404_before_its_stream_is_live_is_served_by_the_lane_once_it_is(
         tmp_path):
     # A stream that is away (its publisher reconnecting) is answered 404 to every player asking:
     # handed to aiohttp for that, their connections would stay there once the stream is back.
     with running_node(tmp_path) as quiet:
-        data = await asyncio.to_thread(encode_ts, 4.0)
-        token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, "back", 3600, "lane")
         http = Http(quiet.url)
         try:
             away = await asyncio.to_thread(http.get, "/hls/back/180p/index.m3u8")
-            publishing = asyncio.create_task(publish_ws(quiet.ws_url, "back", data, 4.0,
-                                                        token=token))
-            deadline = time.monotonic() + 20
-            answers = []
-            while time.monotonic() < deadline:
-                answers.append(await asyncio.to_thread(http.get, "/hls/back/180p/index.m3u8"))
-                if answers[-1][0] == 200 and PART.search(answers[-1][2].decode()):
-                    break
-                await asyncio.sleep(0.1)
-            assert await publishing == "ok"
+            answers = await ask_while_publishing(
+                quiet, http, "back", "/hls/back/180p/index.m3u8", 0.1,
+                lambda status, body: status == 200 and PART.search(body.decode()) is not None)
         finally:
             http.close()
     assert away[0] == 404 and away[1]["server"] == "livedge"
@@ -480,21 +491,11 @@ async def test_a_starting_streams_multivariant_playlist_is_held_in_the_lane_unti
     # Viewers waiting for a show to start ask for it again and again: the one that asks as the
     # publish starts is held for the first parts (as aiohttp would hold it), in the lane.
     with running_node(tmp_path) as quiet:
-        data = await asyncio.to_thread(encode_ts, 4.0)
-        token = issue_token(TEST_SECRET, "HS256", Scope.PUBLISH, "show", 3600, "lane")
         held_before = metric(quiet.url, "livedge_blocked_requests_total")
         http = Http(quiet.url)
         try:
-            publishing = asyncio.create_task(publish_ws(quiet.ws_url, "show", data, 4.0,
-                                                        token=token))
-            deadline = time.monotonic() + 20
-            answers = []
-            while time.monotonic() < deadline:
-                answers.append(await asyncio.to_thread(http.get, "/hls/show/index.m3u8"))
-                if answers[-1][0] == 200:
-                    break
-                await asyncio.sleep(0.02)
-            assert await publishing == "ok"
+            answers = await ask_while_publishing(quiet, http, "show", "/hls/show/index.m3u8",
+                                                 0.02, lambda status, body: status == 200)
         finally:
             http.close()
         held = metric(quiet.url, "livedge_blocked_requests_total") - held_before
