@@ -2,12 +2,13 @@
 
 Every HTTP connection of a node starts here. A request the lane can answer from memory (a playlist,
 an init segment, part or segment in the memory tier, or a blocking reload, preload-hinted part or
-starting stream's multivariant playlist parked until it exists) is answered by writing ready bytes to the transport, and so are the errors
-of those routes (a stream not live, an object gone, a reload too far ahead: the JSON aiohttp would
-send), so that a player told 404 while its stream restarts stays in the lane. Anything else (other
-routes, other methods, ranges, conditional requests, percent-escapes, a lane refusal) hands the
-connection to aiohttp, with the bytes of that request, for the rest of its life: aiohttp answers it
-exactly as it would have without the lane.
+starting stream's multivariant playlist parked until it exists) is answered by writing ready bytes
+to the transport, and so are the errors of those routes (a stream not live, an object gone, a
+reload too far ahead: the JSON aiohttp would send), so that a player told 404 while its stream
+restarts stays in the lane. Anything else (other routes, other methods, ranges, conditional
+requests, percent-escapes, a lane refusal, a replica still loading) hands the connection to
+aiohttp, with the bytes of that request, for the rest of its life: aiohttp answers it exactly as it
+would have without the lane.
 
 Why: aiohttp spends about 180 us of CPU on each answer (request object, middleware, response object)
 and a task and a timer on each blocked request; that held one node to about 2,000 blocking waiters
