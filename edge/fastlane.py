@@ -40,9 +40,9 @@ from typing import Any, Callable
 import httptools
 
 from edge.errors import LivedgeError, Unauthorized
-from edge.hls import (HLS_NUMBER_MAX, PLAYLIST_CACHE_CONTROL, PLAYLIST_TYPE, HlsRoutes,
-                      ReloadQuery, first_media_timeout, no_media_yet, no_such_object, object_name,
-                      part_late, too_far)
+from edge.hls import (HLS_NUMBER_MAX, OBJECT_NAME_MAX, PLAYLIST_CACHE_CONTROL, PLAYLIST_TYPE,
+                      HlsRoutes, ReloadQuery, first_media_timeout, no_media_yet, no_such_object,
+                      object_name, part_late, too_far)
 from edge.limits import AddressLimits, Refusal, client_key
 from edge.logs import request_id_for
 from origin.live import ANY_RENDITION, LiveStream
@@ -207,8 +207,10 @@ class _Reload(_Template):
         return numbers if max(numbers) <= HLS_NUMBER_MAX else None
 
 
-# The object names a template matches: those the packager makes (parts, segments, init segments).
-_TEMPLATE_OBJECT_NAME = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}\.(?:m4s|mp4)")
+# The object names a template matches: those the packager makes (parts, segments, init segments),
+# no longer than ``object_name`` allows.
+_TEMPLATE_OBJECT_NAME = re.compile(
+    rb"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,%d}\.(?:m4s|mp4)" % (OBJECT_NAME_MAX - 5))
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +364,8 @@ class FastLane:
                     query.setdefault(key, value)
         except UnicodeDecodeError:
             return False
+        if not (all(steps) and (len(steps) == 3 or steps[1:] == ["index.m3u8"])):
+            return False  # no route of aiohttp's router: it answers 404 "Not Found"
         token = query.get("token")
         route = _ROUTE_OBJECT if len(steps) == 3 and steps[2] != "index.m3u8" else \
             _ROUTE_PLAYLIST if len(steps) == 3 else _ROUTE_MULTIVARIANT
@@ -409,14 +413,10 @@ class FastLane:
                head: bytes, steps: list[str], query: dict[str, str], token: str | None
                ) -> bool | None:
         """True: answered; None: parked; False: hand over; LivedgeError: answer it."""
-        if len(steps) not in (2, 3):
-            return False
         stream, carried = self.hls.locate(steps[0], token)
         if stream.is_loading():
             return False  # aiohttp waits for the replica's log (a moment) rather than say 503
         if len(steps) == 2:
-            if steps[1] != "index.m3u8":
-                return False
             if not stream.is_ready():  # starting: held until its first parts
                 self._park(_Parked(connection, stream, ANY_RENDITION,
                                    self._loop.time() + first_media_timeout(stream), rid, reply,

@@ -22,7 +22,7 @@ from origin.rendition import Readiness, is_init_name
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
 PLAYLIST_CACHE_CONTROL = "no-cache"
 HLS_NUMBER_MAX = 2**53  # larger _HLS_msn/_HLS_part values are nonsense, not big numbers
-_OBJECT_NAME_MAX = 64
+OBJECT_NAME_MAX = 64
 REPLICA_LOAD_WAIT = 2.0  # seconds a request may wait for a replica's first read of its log
 
 
@@ -106,7 +106,7 @@ def first_media_timeout(stream: LiveStream) -> float:
 
 def object_name(name: str) -> str:
     """``name`` if it may name an object of a rendition; NotFound otherwise."""
-    if len(name) > _OBJECT_NAME_MAX or not name.isascii():
+    if len(name) > OBJECT_NAME_MAX or not name.isascii():
         raise no_such_object()
     return name
 

@@ -310,6 +310,21 @@ def test_errors_of_hls_routes_are_answered_in_the_lane_as_aiohttp_answers_them(n
     assert status == 200 and headers["server"] == "livedge" and body.startswith(b"#EXTM3U")
 
 
+@pytest.mark.parametrize("path", [
+    "/hls/demo/garbage?token=bad", "/hls/demo/180p/", "/hls//index.m3u8", "/hls/demo//init.mp4",
+    "/hls/demo/180p/x/part1.0.m4s", "/hls/demo",
+])
+def test_a_path_no_hls_route_matches_is_aiohttps_404(node, path):
+    # The lane located the stream (and checked the token) before the path's shape: these got its
+    # 401 or 404 "no such object" where aiohttp's router says 404 "Not Found".
+    http = Http(node.url)
+    try:
+        status, headers, _ = http.get(path)
+    finally:
+        http.close()
+    assert status == 404 and headers["server"] != "livedge"
+
+
 def test_a_head_larger_than_aiohttp_allows_is_refused_even_when_it_arrives_whole(node):
     # The lane checked the size only while a head was incomplete; a whole 20 KB one was served
     # (and its User-Agent kept by the viewer count), where aiohttp answers 400.
@@ -594,6 +609,8 @@ def test_an_object_template_reads_the_names_of_its_repeats():
     assert template.name(OBJECT_HEAD) == "part12.3.m4s"
     assert template.name(OBJECT_HEAD.replace(b"part12.3.m4s", b"seg13.m4s")) == "seg13.m4s"
     assert template.name(OBJECT_HEAD.replace(b"part12.3.m4s", b"init-2.mp4")) == "init-2.mp4"
+    longest = "p" * 60 + ".m4s"  # edge.hls.OBJECT_NAME_MAX
+    assert template.name(OBJECT_HEAD.replace(b"part12.3.m4s", longest.encode())) == longest
 
 
 @pytest.mark.parametrize("change", [
@@ -601,7 +618,7 @@ def test_an_object_template_reads_the_names_of_its_repeats():
     (b"part12.3.m4s", b"x/part12.3.m4s"),  # another depth of path
     (b"part12.3.m4s", b"part%31.m4s"),  # an escape aiohttp would decode
     (b"part12.3.m4s", b".m4s"),
-    (b"part12.3.m4s", b"p" * 70 + b".m4s"),
+    (b"part12.3.m4s", b"p" * 61 + b".m4s"),  # longer than an object name may be
     (b"360p/", b"180p/"),  # another rendition
     (b"token=t", b"token=u"),  # another token: checked anew
     (b"User-Agent: ua", b"User-Agent: other"),

@@ -257,6 +257,24 @@ def test_failed_playback_authentications_answered_by_the_fast_lane_lock_the_addr
     assert locked[0] == 429 and "failed authentications" in json.loads(locked[2])["message"]
 
 
+def test_a_bad_token_on_a_path_no_route_matches_is_not_a_failed_authentication(tmp_path):
+    with running_node(tmp_path, PLAYBACK_AUTH="token", AUTH_FAILURE_LIMIT="2",
+                      AUTH_LOCKOUT="60") as locking:
+        strays = [Http(locking.url) for _ in range(3)]  # aiohttp keeps each such connection
+        try:
+            answers = [http.get("/hls/cam/garbage?token=bad") for http in strays]
+            checked = Http(locking.url)
+            try:
+                token_checked = checked.get("/hls/cam/180p/index.m3u8?token=bad")
+            finally:
+                checked.close()
+        finally:
+            for http in strays:
+                http.close()
+    assert [status for status, _, _ in answers] == [404] * 3
+    assert token_checked[0] == 401
+
+
 async def test_failed_websocket_authentications_count_for_http_too(node: RunningNode):
     async def handshake(token: str) -> int:
         try:
