@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ from origin.rendition import Readiness, is_init_name
 MAX_HEAD_BYTES = 8190  # aiohttp's limit for a request line and headers; past it aiohttp says why
 MAX_BUFFERED_BYTES = 65536  # read no more while this much of later requests waits
 SWEEP_SECONDS = 0.25  # how often timed-out parked requests are answered
+WAKE_HOLDS_GIL_FROM = 500  # parked requests; a smaller wake is shorter than a switch interval
+WAKE_SWITCH_INTERVAL = 0.25  # seconds: longer than any wake (10,000 answers: about 0.1 s)
 PLAYLIST_CONTENT_TYPE = f"{PLAYLIST_TYPE}; charset=utf-8"
 # A request carrying one of these needs aiohttp's full semantics.
 _HANDED_OVER_HEADERS = frozenset({
@@ -80,6 +83,7 @@ class LaneStats:
     read_through: int = 0  # objects the lane read through the lower tiers (not in memory)
     repeated_reloads: int = 0  # reloads matched against their connection's last, not parsed
     repeated_objects: int = 0  # object requests matched the same way
+    bursts: int = 0  # wakes of at least WAKE_HOLDS_GIL_FROM parked requests, holding the GIL
 
 
 @dataclass(frozen=True, slots=True)
@@ -633,14 +637,32 @@ class FastLane:
         return True
 
     def _wake(self, group: _Group) -> None:
-        """The rendition changed: answer what is ready now, keep the rest parked. The hot loop of
-        blocking reloads: one render and one head per shape of answer, counters summed."""
+        """The rendition changed: answer what is ready now, keep the rest parked."""
         group.armed = False
+        if len(group.parked) < WAKE_HOLDS_GIL_FROM:
+            self._answer_ready(group)
+            return
+        # A wake is one burst of writes that every viewer of the part waits on. Every switch
+        # interval (5 ms) CPython hands the GIL to a thread that asks for it, and the transcoders'
+        # threads stretched a 10,000-waiter burst by 10-45 % (bench/README.md). They are buffered;
+        # the viewers are not: they wait for the burst.
+        self.stats.bursts += 1
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(WAKE_SWITCH_INTERVAL)
+        try:
+            self._answer_ready(group)
+        finally:
+            sys.setswitchinterval(interval)
+
+    def _answer_ready(self, group: _Group) -> None:
+        """The hot loop of blocking reloads: one render and one head per shape of answer,
+        counters summed."""
         waiting: deque[_Parked] = deque()
         states: dict[tuple, Readiness] = {}
         wires: dict[tuple, tuple[bytes, bytes]] = {}  # (skip, query, connection) -> head, tail
         leaving: dict[str, int] = {}
         now = self._loop.time()
+        deadline = now + self.settings.read_timeout
         unparked = playlists = 0
         for parked in group.parked:
             connection = parked.connection
@@ -655,14 +677,11 @@ class FastLane:
                 continue
             connection.parked = None
             unparked += 1
-            leaving[connection.address] = leaving.get(connection.address, 0) + 1
-            if state is Readiness.READY and parked.rendition == ANY_RENDITION:
-                self._send_multivariant(connection, parked.stream, parked.query,
-                                        parked.request_id, parked.reply)
-            elif state is Readiness.GONE and parked.rendition == ANY_RENDITION:
-                connection.hand_over(replay=parked.head)  # a replica gone: aiohttp says why
-            elif state is Readiness.READY and not parked.name:
-                reply = parked.reply
+            address = connection.address
+            leaving[address] = leaving.get(address, 0) + 1
+            reply = parked.reply
+            if state is Readiness.READY and not parked.name and reply.keep_alive \
+                    and parked.rendition != ANY_RENDITION:  # a blocking reload: most of them
                 shape = (parked.skip, parked.query, reply.connection_header)
                 wire = wires.get(shape)
                 if wire is None:
@@ -671,15 +690,11 @@ class FastLane:
                     before, after = self._head(200, PLAYLIST_CONTENT_TYPE,
                                                PLAYLIST_CACHE_CONTROL, len(body), reply)
                     wire = wires[shape] = (before, after + body)
-                connection.write(wire[0] + parked.request_id + wire[1])
+                connection.transport.write(b"".join((wire[0], parked.request_id, wire[1])))
                 playlists += 1
-                connection.answered(reply.keep_alive, now)
-            elif state is not Readiness.READY:
-                self._refuse_parked(parked, no_such_object() if parked.name else too_far())
-            elif not self._send_object(connection, parked.stream, parked.rendition, parked.name,
-                                       parked.request_id, parked.reply):
-                self._read_through(connection, parked.stream, parked.rendition, parked.name,
-                                   parked.request_id, parked.reply, parked.head)
+                connection.answered_alive(deadline)
+            else:
+                self._answer_other(connection, parked, state)
         group.parked = waiting
         self.hls.counters.blocked_requests -= unparked
         self.stats.parked -= unparked
@@ -689,6 +704,25 @@ class FastLane:
             self.stats.answered += playlists
             self._tally(_ROUTE_PLAYLIST, 200, playlists)
         self._rearm(group)
+
+    def _answer_other(self, connection: FastConnection, parked: _Parked, state: Readiness
+                      ) -> None:
+        """A woken request that is not a kept-alive blocking reload now ready."""
+        multivariant = parked.rendition == ANY_RENDITION
+        if state is Readiness.READY and multivariant:
+            self._send_multivariant(connection, parked.stream, parked.query,
+                                    parked.request_id, parked.reply)
+        elif state is Readiness.GONE and multivariant:
+            connection.hand_over(replay=parked.head)  # a replica gone: aiohttp says why
+        elif state is Readiness.READY and not parked.name:
+            self._send_playlist(connection, parked.stream, parked.rendition, parked.skip,
+                                parked.query, parked.request_id, parked.reply)
+        elif state is not Readiness.READY:
+            self._refuse_parked(parked, no_such_object() if parked.name else too_far())
+        elif not self._send_object(connection, parked.stream, parked.rendition, parked.name,
+                                   parked.request_id, parked.reply):
+            self._read_through(connection, parked.stream, parked.rendition, parked.name,
+                               parked.request_id, parked.reply, parked.head)
 
     def _rearm(self, group: _Group) -> None:
         key = (id(group.stream), group.rendition)
@@ -884,10 +918,15 @@ class FastConnection(asyncio.Protocol):
 
     def answered(self, keep_alive: bool, now: float) -> None:
         """A request was answered: close, or give the next one the full read deadline."""
-        if not keep_alive:
+        if keep_alive:
+            self.answered_alive(now + self.lane.settings.read_timeout)
+        else:
             self.close()
-            return
-        self._idle_deadline = now + self.lane.settings.read_timeout
+
+    def answered_alive(self, read_deadline: float) -> None:
+        """A request was answered and the connection is kept alive: the next request is due by
+        ``read_deadline``."""
+        self._idle_deadline = read_deadline
         if self.parked is None and self._buffer and not self._closing:
             # Requests pipelined behind an answered parked one. Later, not inside a wake loop.
             self.lane._loop.call_soon(self._process)

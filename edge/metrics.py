@@ -157,6 +157,9 @@ class NodeCollector(Collector):
             yield CounterMetricFamily("livedge_fast_lane_repeated_objects",
                                       "Object requests matched against their connection's last "
                                       "one instead of parsed", value=lane.repeated_objects)
+            yield CounterMetricFamily("livedge_fast_lane_bursts",
+                                      "Wakes of so many parked requests that they are answered "
+                                      "holding the GIL (edge/fastlane.py)", value=lane.bursts)
             yield CounterMetricFamily("livedge_http_connections_refused",
                                       "Connections refused over MAX_CONNECTIONS_PER_ADDRESS",
                                       value=lane.connections_refused)

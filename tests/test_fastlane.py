@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 
 from bench.soak import encode_ts, publish_ws
 from edge.tokens import Scope, issue_token
-from edge.fastlane import _KEEP_ALIVE, _ObjectRequest, _Reload
+from edge.fastlane import WAKE_HOLDS_GIL_FROM, _KEEP_ALIVE, _ObjectRequest, _Reload
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 
 HINT = re.compile(r'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="part(\d+)\.(\d+)\.m4s"')
@@ -155,11 +155,14 @@ def test_a_tame_request_id_is_echoed(node):
     assert headers["x-request-id"] == "abc.123"
 
 
-def test_parked_reloads_are_all_answered_with_the_part_they_wait_for(node):
+@pytest.mark.parametrize("count", [50, WAKE_HOLDS_GIL_FROM + 100])
+def test_parked_reloads_are_all_answered_with_the_part_they_wait_for(node, count):
+    # From WAKE_HOLDS_GIL_FROM on, a wake is a burst answered holding the GIL.
+    bursts = metric(node.url, "livedge_fast_lane_bursts_total")
     probe = Http(node.url)
     msn, part = next_part(probe)
     probe.close()
-    waiters = [Http(node.url) for _ in range(50)]
+    waiters = [Http(node.url) for _ in range(count)]
     try:
         for http in waiters:
             http.send(f"/hls/demo/180p/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
@@ -175,6 +178,8 @@ def test_parked_reloads_are_all_answered_with_the_part_they_wait_for(node):
     assert {status for status, _, _ in answers + again} == {200}
     assert all(newest_part(body) >= (msn, part) for _, _, body in answers)
     assert len({body for _, _, body in answers}) == 1  # one render shared by every waiter
+    assert (metric(node.url, "livedge_fast_lane_bursts_total") > bursts) == \
+        (count >= WAKE_HOLDS_GIL_FROM)
 
 
 def test_a_players_repeated_reloads_are_matched_not_parsed_and_answered_alike(node):
