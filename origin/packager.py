@@ -131,6 +131,12 @@ class TrackPackager:
             if duration <= 0:
                 duration = self._last_duration
             self._cut(replace(held, duration=duration), wall_anchor, events)
+            if sample.keyframe and self._segment_open and self._opens_segment(sample):
+                # The open segment ends here, not when this keyframe is cut a frame later:
+                # meanwhile its playlist would hint a part of it that never comes (a 404 for
+                # every player at every segment's end).
+                self._close_part(events)
+                self._close_segment(events)
         if sample.duration > 0 and not self._is_video:
             self._cut(sample, wall_anchor, events)
         else:
@@ -210,6 +216,8 @@ class TrackPackager:
         # is complete now.
         if end + self._half_frame >= self._part_grid_end - self._tolerance:
             self._close_part(events)
+            if not self._is_video and self._part_grid_end == self._segment_grid_end:
+                self._close_segment(events)  # the next sample starts the next one: say so now
             self._part_grid_end = self._next_part_boundary(self._part_grid_end)
 
     def _past_part_end(self, start: int, end: int) -> bool:
@@ -227,6 +235,12 @@ class TrackPackager:
             return sample.keyframe and max(start, sample.pts) + self._tolerance \
                 >= self._segment_grid_end
         return end > self._segment_grid_end + self._tolerance
+
+    def _opens_segment(self, keyframe: EncodedSample) -> bool:
+        """Whether video ``keyframe``, still uncut, will start the next segment."""
+        start = keyframe.dts + self.offset
+        return start >= self.period_start and self._starts_new_segment(
+            replace(keyframe, pts=keyframe.pts + self.offset), start, start)
 
     def _grid_anchor(self, sample: EncodedSample) -> int:
         """Where a segment starting with ``sample`` sits on the grid (its presentation time for

@@ -64,6 +64,33 @@ def test_a_part_is_ready_when_the_frame_after_its_last_arrives(video_track):
     assert [(p.msn, p.index) for p in of(PartReady, events)] == [(0, 0)]
 
 
+def pushes(packager: TrackPackager, samples) -> list[list]:
+    return [packager.push(sample, wall_anchor=1000.0) for sample in samples]
+
+
+@pytest.mark.parametrize("track, samples", [("video_track", lambda: video_samples(200)),
+                                            ("audio_track", lambda: audio_samples(400))])
+def test_a_segment_is_complete_with_its_last_part(track, samples, request):
+    # A video segment ended when the keyframe starting the next one was cut, a frame after its
+    # last part (an audio one a sample after): meanwhile its playlist hinted a part that never
+    # came, and every player asking for it got 404 at every segment's end.
+    batches = pushes(TrackPackager(request.getfixturevalue(track), SETTINGS), samples())
+    ends = [batch for batch in batches if of(SegmentReady, batch)]
+    assert len(ends) >= 3
+    for batch in ends:
+        segment = of(SegmentReady, batch)[0]
+        assert [(p.msn, p.index) for p in of(PartReady, batch)][-1:] == \
+            [(segment.msn, segment.part_count - 1)]
+
+
+def test_the_next_segment_opens_when_its_keyframe_is_cut(video_track):
+    packager = TrackPackager(video_track, SETTINGS)
+    batches = pushes(packager, video_samples(62))  # frames 0-61; 60 is the IDR at 2 s
+    assert [e.msn for e in of(SegmentReady, batches[60])] == [0]
+    assert [e.msn for e in of(SegmentOpened, batches[61])] == [1]
+    assert [(p.msn, p.index) for p in of(PartReady, packager.finish(1000.0))] == [(1, 0)]
+
+
 def test_video_durations_come_from_the_next_frame_so_parts_have_no_gaps(video_track):
     # A WebRTC-like source: frames arrive 30-36 ms apart while the producer claims 33.3 ms.
     starts = [0]
