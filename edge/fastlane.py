@@ -28,6 +28,7 @@ owns the per-address cap on open connections, which aiohttp does not have.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import sys
@@ -52,8 +53,8 @@ from origin.rendition import Readiness, is_init_name
 MAX_HEAD_BYTES = 8190  # aiohttp's limit for a request line and headers; past it aiohttp says why
 MAX_BUFFERED_BYTES = 65536  # read no more while this much of later requests waits
 SWEEP_SECONDS = 0.25  # how often timed-out parked requests are answered
-WAKE_HOLDS_GIL_FROM = 500  # parked requests; a smaller wake is shorter than a switch interval
-WAKE_SWITCH_INTERVAL = 0.25  # seconds: longer than any wake (10,000 answers: about 0.1 s)
+BURST_FROM = 500  # parked requests a wake answers as a burst (fewer take under 5 ms)
+BURST_SWITCH_INTERVAL = 0.25  # seconds: longer than any wake (10,000 answers: about 0.1 s)
 PLAYLIST_CONTENT_TYPE = f"{PLAYLIST_TYPE}; charset=utf-8"
 # A request carrying one of these needs aiohttp's full semantics.
 _HANDED_OVER_HEADERS = frozenset({
@@ -83,7 +84,7 @@ class LaneStats:
     read_through: int = 0  # objects the lane read through the lower tiers (not in memory)
     repeated_reloads: int = 0  # reloads matched against their connection's last, not parsed
     repeated_objects: int = 0  # object requests matched the same way
-    bursts: int = 0  # wakes of at least WAKE_HOLDS_GIL_FROM parked requests, holding the GIL
+    bursts: int = 0  # wakes of at least BURST_FROM parked requests: GIL held, no GC
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,19 +640,23 @@ class FastLane:
     def _wake(self, group: _Group) -> None:
         """The rendition changed: answer what is ready now, keep the rest parked."""
         group.armed = False
-        if len(group.parked) < WAKE_HOLDS_GIL_FROM:
+        if len(group.parked) < BURST_FROM:
             self._answer_ready(group)
             return
-        # A wake is one burst of writes that every viewer of the part waits on. Every switch
-        # interval (5 ms) CPython hands the GIL to a thread that asks for it, and the transcoders'
-        # threads stretched a 10,000-waiter burst by 10-45 % (bench/README.md). They are buffered;
-        # the viewers are not: they wait for the burst.
+        # A wake is one burst of writes that every viewer of the part waits on, so nothing else
+        # runs meanwhile. Every switch interval (5 ms) CPython hands the GIL to a thread that asks
+        # for it: the transcoders' threads stretched a 10,000-waiter burst by 10-45 %. A garbage
+        # collection (a full one: 25 ms at 10,000 waiters) waits for the burst's end too
+        # (bench/README.md). The transcoders are buffered; the viewers are not.
         self.stats.bursts += 1
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(WAKE_SWITCH_INTERVAL)
+        interval, collecting = sys.getswitchinterval(), gc.isenabled()
+        sys.setswitchinterval(BURST_SWITCH_INTERVAL)
+        gc.disable()
         try:
             self._answer_ready(group)
         finally:
+            if collecting:
+                gc.enable()
             sys.setswitchinterval(interval)
 
     def _answer_ready(self, group: _Group) -> None:

@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 
 from bench.soak import encode_ts, publish_ws
 from edge.tokens import Scope, issue_token
-from edge.fastlane import WAKE_HOLDS_GIL_FROM, _KEEP_ALIVE, _ObjectRequest, _Reload
+from edge.fastlane import BURST_FROM, _KEEP_ALIVE, _ObjectRequest, _Reload
 from tests.nodes import TEST_SECRET, RunningNode, running_node
 
 HINT = re.compile(r'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="part(\d+)\.(\d+)\.m4s"')
@@ -155,9 +155,9 @@ def test_a_tame_request_id_is_echoed(node):
     assert headers["x-request-id"] == "abc.123"
 
 
-@pytest.mark.parametrize("count", [50, WAKE_HOLDS_GIL_FROM + 100])
+@pytest.mark.parametrize("count", [50, BURST_FROM + 100])
 def test_parked_reloads_are_all_answered_with_the_part_they_wait_for(node, count):
-    # From WAKE_HOLDS_GIL_FROM on, a wake is a burst answered holding the GIL.
+    # From BURST_FROM on, a wake is a burst: answered holding the GIL, without collections.
     bursts = metric(node.url, "livedge_fast_lane_bursts_total")
     probe = Http(node.url)
     msn, part = next_part(probe)
@@ -179,7 +179,7 @@ def test_parked_reloads_are_all_answered_with_the_part_they_wait_for(node, count
     assert all(newest_part(body) >= (msn, part) for _, _, body in answers)
     assert len({body for _, _, body in answers}) == 1  # one render shared by every waiter
     assert (metric(node.url, "livedge_fast_lane_bursts_total") > bursts) == \
-        (count >= WAKE_HOLDS_GIL_FROM)
+        (count >= BURST_FROM)
 
 
 def test_a_players_repeated_reloads_are_matched_not_parsed_and_answered_alike(node):
