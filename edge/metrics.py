@@ -142,27 +142,31 @@ class NodeCollector(Collector):
         if lane is not None:
             yield GaugeMetricFamily("livedge_http_connections", "Open HTTP connections",
                                     value=lane.connections)
-            yield CounterMetricFamily("livedge_fast_lane_answers",
-                                      "HLS requests answered by the fast lane (edge/fastlane.py)",
-                                      value=lane.answered)
-            yield CounterMetricFamily("livedge_fast_lane_handovers",
-                                      "Connections the fast lane handed to aiohttp",
-                                      value=lane.handed_over)
-            yield CounterMetricFamily("livedge_fast_lane_read_through",
-                                      "Objects the fast lane read through the lower tiers "
-                                      "(memory did not hold them)", value=lane.read_through)
-            yield CounterMetricFamily("livedge_fast_lane_repeated_reloads",
-                                      "Blocking reloads matched against their connection's last "
-                                      "one instead of parsed", value=lane.repeated_reloads)
-            yield CounterMetricFamily("livedge_fast_lane_repeated_objects",
-                                      "Object requests matched against their connection's last "
-                                      "one instead of parsed", value=lane.repeated_objects)
-            yield CounterMetricFamily("livedge_fast_lane_bursts",
-                                      "Wakes of so many parked requests that they are answered "
-                                      "holding the GIL (edge/fastlane.py)", value=lane.bursts)
+            for name, documentation, field in _LANE_COUNTERS:
+                yield CounterMetricFamily(name, documentation, value=getattr(lane, field))
             yield CounterMetricFamily("livedge_http_connections_refused",
                                       "Connections refused over MAX_CONNECTIONS_PER_ADDRESS",
                                       value=lane.connections_refused)
+
+
+# The fast lane's counters (edge/fastlane.py, ``LaneStats``): metric, help, field.
+_LANE_COUNTERS = (
+    ("livedge_fast_lane_answers", "HLS requests answered by the fast lane (edge/fastlane.py)",
+     "answered"),
+    ("livedge_fast_lane_handovers", "Connections the fast lane handed to aiohttp", "handed_over"),
+    ("livedge_fast_lane_read_through",
+     "Objects the fast lane read through the lower tiers (memory did not hold them)",
+     "read_through"),
+    ("livedge_fast_lane_repeated_reloads",
+     "Blocking reloads matched against their connection's last one instead of parsed",
+     "repeated_reloads"),
+    ("livedge_fast_lane_repeated_objects",
+     "Object requests matched against their connection's last one instead of parsed",
+     "repeated_objects"),
+    ("livedge_fast_lane_bursts",
+     "Wakes of so many parked requests that they are answered holding the GIL, without garbage "
+     "collection", "bursts"),
+)
 
 
 def _tier_metrics(memory: CacheStats, redis: RedisTierStats | None, replicas: ReplicaStats | None
