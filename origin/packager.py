@@ -181,6 +181,12 @@ class TrackPackager:
         timescale = self.track.timescale
         if self._segment_open:
             return self._segment_msn, self._segment_grid_start / timescale
+        held = self._held
+        if self.end_time and held is not None and held.keyframe \
+                and not self._pending_discontinuity:
+            # The segment ended as this keyframe arrived (``push``): where it will open the next.
+            shifted = replace(held, dts=held.dts + self.offset, pts=held.pts + self.offset)
+            return self._next_msn, self._grid_start(self._grid_anchor(shifted)) / timescale
         if self.end_time:
             next_start = -(-self.end_time // self._segment_ticks) * self._segment_ticks
             return self._next_msn, next_start / timescale
@@ -237,7 +243,8 @@ class TrackPackager:
         return end > self._segment_grid_end + self._tolerance
 
     def _opens_segment(self, keyframe: EncodedSample) -> bool:
-        """Whether video ``keyframe``, still uncut, will start the next segment."""
+        """Whether ``keyframe`` (video, or any audio sample), still uncut, will start the next
+        segment."""
         start = keyframe.dts + self.offset
         return start >= self.period_start and self._starts_new_segment(
             replace(keyframe, pts=keyframe.pts + self.offset), start, start)
@@ -247,10 +254,15 @@ class TrackPackager:
         video, so B-frame sources cut where the ladder does)."""
         return max(sample.dts, sample.pts) if self._is_video else sample.dts
 
-    def _open_segment(self, start: int, wall_anchor: float, events: list[PackagerEvent]) -> None:
+    def _grid_start(self, start: int) -> int:
+        """The grid point of a segment that starts at ``start``."""
         grid_start = (start + self._tolerance) // self._segment_ticks * self._segment_ticks
         if self._segment_grid_end > grid_start and not self._pending_discontinuity:
             grid_start = self._segment_grid_end  # audio cut just before the grid point
+        return grid_start
+
+    def _open_segment(self, start: int, wall_anchor: float, events: list[PackagerEvent]) -> None:
+        grid_start = self._grid_start(start)
         if self._first_msn_at is not None:
             self._next_msn += max(0, (grid_start - self._first_msn_at) // self._segment_ticks)
             self._first_msn_at = None

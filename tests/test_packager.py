@@ -91,6 +91,19 @@ def test_the_next_segment_opens_when_its_keyframe_is_cut(video_track):
     assert [(p.msn, p.index) for p in of(PartReady, packager.finish(1000.0))] == [(1, 0)]
 
 
+@pytest.mark.parametrize("late", [0, 810])  # the keyframe on the 2 s grid point, or 9 ms after
+def test_between_a_segments_end_and_its_keyframes_cut_the_next_is_numbered_by_the_grid(
+        video_track, late):
+    # A rung joining now takes the leader's numbering: the next segment is 1, at 2 s (the next
+    # grid point after the keyframe's time said 4 s when the keyframe came late).
+    packager = TrackPackager(video_track, SETTINGS)
+    frames = [*video_samples(60), EncodedSample(60 * FRAME + late, 60 * FRAME + late, FRAME,
+                                                True, IDR)]
+    batches = pushes(packager, frames)
+    assert of(SegmentReady, batches[-1]) and not of(SegmentOpened, batches[-1])
+    assert packager.numbering() == (1, 2.0)
+
+
 def test_video_durations_come_from_the_next_frame_so_parts_have_no_gaps(video_track):
     # A WebRTC-like source: frames arrive 30-36 ms apart while the producer claims 33.3 ms.
     starts = [0]
