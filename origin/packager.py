@@ -185,8 +185,8 @@ class TrackPackager:
         if self.end_time and held is not None and held.keyframe \
                 and not self._pending_discontinuity:
             # The segment ended as this keyframe arrived (``push``): where it will open the next.
-            shifted = replace(held, dts=held.dts + self.offset, pts=held.pts + self.offset)
-            return self._next_msn, self._grid_start(self._grid_anchor(shifted)) / timescale
+            grid_start = self._grid_start(self._grid_anchor(self._on_output_clock(held)))
+            return self._next_msn, grid_start / timescale
         if self.end_time:
             next_start = -(-self.end_time // self._segment_ticks) * self._segment_ticks
             return self._next_msn, next_start / timescale
@@ -194,11 +194,11 @@ class TrackPackager:
 
     # -- cutting ------------------------------------------------------------------------------------
     def _cut(self, sample: EncodedSample, wall_anchor: float, events: list[PackagerEvent]) -> None:
-        start = sample.dts + self.offset
+        sample = self._on_output_clock(sample)
+        start = sample.dts
         if start < self.period_start:
             self.dropped_samples += 1
             return
-        sample = replace(sample, dts=start, pts=sample.pts + self.offset)
         end = start + sample.duration
         self._last_duration = sample.duration
         if not self._segment_open:
@@ -245,9 +245,13 @@ class TrackPackager:
     def _opens_segment(self, keyframe: EncodedSample) -> bool:
         """Whether ``keyframe`` (video, or any audio sample), still uncut, will start the next
         segment."""
-        start = keyframe.dts + self.offset
-        return start >= self.period_start and self._starts_new_segment(
-            replace(keyframe, pts=keyframe.pts + self.offset), start, start)
+        keyframe = self._on_output_clock(keyframe)
+        start = keyframe.dts
+        return start >= self.period_start and self._starts_new_segment(keyframe, start, start)
+
+    def _on_output_clock(self, sample: EncodedSample) -> EncodedSample:
+        """``sample`` with its times in output ticks (this period's offset added)."""
+        return replace(sample, dts=sample.dts + self.offset, pts=sample.pts + self.offset)
 
     def _grid_anchor(self, sample: EncodedSample) -> int:
         """Where a segment starting with ``sample`` sits on the grid (its presentation time for
