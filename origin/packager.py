@@ -135,7 +135,6 @@ class TrackPackager:
                 # The open segment ends here, not when this keyframe is cut a frame later:
                 # meanwhile its playlist would hint a part of it that never comes (a 404 for
                 # every player at every segment's end).
-                self._close_part(events)
                 self._close_segment(events)
         if sample.duration > 0 and not self._is_video:
             self._cut(sample, wall_anchor, events)
@@ -154,7 +153,6 @@ class TrackPackager:
         if self._held is not None:
             held, self._held = self._held, None
             self._cut(replace(held, duration=self._last_duration), wall_anchor, events)
-        self._close_part(events)
         self._close_segment(events)
         return events
 
@@ -207,7 +205,6 @@ class TrackPackager:
                 return
             self._open_segment(self._grid_anchor(sample), wall_anchor, events)
         elif self._starts_new_segment(sample, start, end):
-            self._close_part(events)
             self._close_segment(events)
             self._open_segment(self._grid_anchor(sample), wall_anchor, events)
         if self._part_samples and (self._past_part_end(start, end)
@@ -308,8 +305,10 @@ class TrackPackager:
         self._segment_parts.append(data)
 
     def _close_segment(self, events: list[PackagerEvent]) -> None:
+        """Close the open segment, its open part first."""
         if not self._segment_open:
             return
+        self._close_part(events)
         self._segment_open = False
         if not self._segment_parts:
             return
