@@ -873,28 +873,29 @@ class FastConnection(asyncio.Protocol):
                 if len(buffer) > MAX_HEAD_BYTES:
                     self.hand_over()  # a head too large, whole or not: aiohttp answers 400
                 break
+            # Off the buffer before it is served: an answer written now must not find it there
+            # and schedule a pass for pipelined requests that are not there.
             head = bytes(buffer[:end + 4])
-            served = self._serve_repeat(head)
-            if served is not None:
-                if not served:
-                    self.hand_over()
-                    break
-                del buffer[:end + 4]
-                continue
-            request = self._request
-            request.reset()
-            try:
-                request.parser.feed_data(head)
-                plain_get = request.method == b"GET" and request.plain
-                reply = _reply(request.keep_alive, request.version)
-            except httptools.HttpParserError:
-                plain_get = False
-            if not plain_get or not self.lane.serve(self, request, reply, head):
-                self.hand_over()
-                break
             del buffer[:end + 4]
+            served = self._serve_repeat(head)
+            if served is None:
+                served = self._serve_parsed(head)
+            if not served:
+                self.hand_over(replay=head)
+                break
         if self._handler is None and not self._closing:
             self._throttle_reading(len(buffer) > MAX_BUFFERED_BYTES)
+
+    def _serve_parsed(self, head: bytes) -> bool:
+        """Parse ``head`` and serve it (``FastLane.serve``); False when aiohttp must take it."""
+        request = self._request
+        request.reset()
+        try:
+            request.parser.feed_data(head)
+        except httptools.HttpParserError:
+            return False
+        return request.method == b"GET" and request.plain and self.lane.serve(
+            self, request, _reply(request.keep_alive, request.version), head)
 
     def _serve_repeat(self, head: bytes) -> bool | None:
         """Serve ``head`` if it repeats this connection's last reload or object request (as
