@@ -52,6 +52,7 @@ from origin.rendition import Readiness, is_init_name
 
 MAX_HEAD_BYTES = 8190  # aiohttp's limit for a request line and headers; past it aiohttp says why
 MAX_BUFFERED_BYTES = 65536  # read no more while this much of later requests waits
+VIEWER_NOTE_SECONDS = 1.0  # a connection's repeated reloads note its viewer at most this often
 SWEEP_SECONDS = 0.25  # how often timed-out parked requests are answered
 BURST_FROM = 500  # parked requests a wake answers as a burst (fewer take under 5 ms)
 BURST_SWITCH_INTERVAL = 0.25  # seconds: longer than any wake (10,000 answers: about 0.1 s)
@@ -164,10 +165,10 @@ class _Template:
     def middle(self, head: bytes) -> bytes | None:
         """What ``head`` has between ``before`` and ``after``, if it has both."""
         before, after = self.before, self.after
-        if len(head) <= len(before) + len(after) or not head.startswith(before) \
-                or not head.endswith(after):
+        end = len(head) - len(after)
+        if end <= len(before) or not head.startswith(before) or not head.endswith(after):
             return None
-        return head[len(before):len(head) - len(after)]
+        return head[len(before):end]
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,7 +469,7 @@ class FastLane:
         """The stream of a repeated request and the query to carry, checked again: what can
         change between two requests (the stream, its renditions, the token's validity) is; what
         cannot is not. None while a replica loads (as in ``_route``)."""
-        stream, carried = self.hls.locate(template.stream_name, template.token)
+        stream, carried = self.hls.locate_valid(template.stream_name, template.token)
         if stream.is_loading():
             return None
         if not stream.has_rendition(template.rendition):
@@ -488,7 +489,10 @@ class FastLane:
         if located is None:
             return False
         stream, carried = located
-        self.hls.saw_playlist_request(stream.name, reload.client)
+        now = self._loop.time()
+        if now >= connection.viewer_noted_until:  # the count's window is tens of seconds
+            connection.viewer_noted_until = now + VIEWER_NOTE_SECONDS
+            self.hls.saw_playlist_request(stream.name, reload.client)
         return self._playlist(connection, stream, reload.rendition,
                               ReloadQuery(msn, part, reload.skip), carried, rid, reload.reply,
                               head)
@@ -785,6 +789,7 @@ class FastConnection(asyncio.Protocol):
         self.fetching: asyncio.Task | None = None  # an object read through the lower tiers
         self.reload: _Reload | None = None  # the last blocking reload, as a template
         self.fetch: _ObjectRequest | None = None  # the last object request, as a template
+        self.viewer_noted_until = 0.0  # loop time: a repeated reload notes the viewer again
         self._buffer = bytearray()
         self._request = _Request()
         self._handler: Any = None  # aiohttp's protocol once handed over
@@ -828,6 +833,10 @@ class FastConnection(asyncio.Protocol):
         if self._handler is not None:
             self._handler.data_received(data)
             return
+        if not self._buffer and data.endswith(b"\r\n\r\n") and self._takes_requests() \
+                and data.find(b"\r\n\r\n") == len(data) - 4 and len(data) <= MAX_HEAD_BYTES:
+            self._serve_head(data)  # one whole request, as players send them: no buffer copies
+            return
         self._buffer += data
         self._process()
 
@@ -866,8 +875,7 @@ class FastConnection(asyncio.Protocol):
     # -- requests ---------------------------------------------------------------------------------
     def _process(self) -> None:
         buffer = self._buffer
-        while not (self.parked or self.fetching or self._write_paused or self._handler
-                   or self._closing):
+        while self._takes_requests():
             end = buffer.find(b"\r\n\r\n")
             if end < 0 or end + 4 > MAX_HEAD_BYTES:
                 if len(buffer) > MAX_HEAD_BYTES:
@@ -877,14 +885,25 @@ class FastConnection(asyncio.Protocol):
             # and schedule a pass for pipelined requests that are not there.
             head = bytes(buffer[:end + 4])
             del buffer[:end + 4]
-            served = self._serve_repeat(head)
-            if served is None:
-                served = self._serve_parsed(head)
-            if not served:
-                self.hand_over(replay=head)
+            if not self._serve_head(head):
                 break
         if self._handler is None and not self._closing:
             self._throttle_reading(len(buffer) > MAX_BUFFERED_BYTES)
+
+    def _takes_requests(self) -> bool:
+        """Whether the next request can be served now: none is parked or being read through,
+        the transport takes writes, and the connection is the lane's and open."""
+        return not (self.parked or self.fetching or self._write_paused or self._handler
+                    or self._closing)
+
+    def _serve_head(self, head: bytes) -> bool:
+        """Serve one request's head; False once it is handed to aiohttp."""
+        served = self._serve_repeat(head)
+        if served is None:
+            served = self._serve_parsed(head)
+        if not served:
+            self.hand_over(replay=head)
+        return served
 
     def _serve_parsed(self, head: bytes) -> bool:
         """Parse ``head`` and serve it (``FastLane.serve``); False when aiohttp must take it."""

@@ -139,7 +139,11 @@ class HlsRoutes:
 
     def locate(self, stream_name: str, token: str | None) -> tuple[LiveStream, str]:
         """The live stream named in the URL and the query to carry onto listed URIs."""
-        name = validate_stream_name(stream_name)
+        return self.locate_valid(validate_stream_name(stream_name), token)
+
+    def locate_valid(self, name: str, token: str | None) -> tuple[LiveStream, str]:
+        """``locate`` for a name that passed ``validate_stream_name`` before (a repeated
+        request's)."""
         query = ""
         if self._settings.playback_auth:
             self._verifier().verify(token or "", Scope.PLAY, name)

@@ -177,7 +177,7 @@ class RenditionLog:
         newest_msn = newest.msn if newest else -1
         if msn > newest_msn + 2:
             return Readiness.TOO_FAR
-        for segment in self._segments:
+        for segment in reversed(self._segments):  # most ask for the newest
             if segment.msn != msn:
                 continue
             if part is None or (segment.complete and part >= len(segment.parts)):
