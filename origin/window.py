@@ -192,6 +192,15 @@ class StreamWindow:
         return text
 
     def multivariant_playlist(self, query: str = "") -> str:
+        """The rendered multivariant playlist, shared like ``media_playlist``'s (a stream's start
+        answers every viewer waiting for it at once)."""
+        cache_key = (ANY_RENDITION, False, query)
+        text = self._rendered.get(cache_key)
+        if text is None:
+            text = self._rendered[cache_key] = self._render_multivariant(query)
+        return text
+
+    def _render_multivariant(self, query: str) -> str:
         audio = tuple(
             AudioRendition(AUDIO_GROUP, "default", f"{name}/index.m3u8", track.channels or 2)
             for name, track in self.tracks.items() if track.kind is TrackKind.AUDIO)[:1]

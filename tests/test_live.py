@@ -96,6 +96,21 @@ async def test_callbacks_on_any_rendition_run_at_a_change_of_one(stream):
     assert sorted(calls) == ["90p", "any"]  # once each; the other rendition's stays registered
 
 
+def test_the_multivariant_playlist_is_rendered_once_per_change(stream):
+    track, samples = encode_video(3.2)
+    stream.add_track(track)
+    for sample in samples[:20]:  # the first segment (1 s) is not complete yet
+        stream.add_sample("90p", sample)
+    first = stream.multivariant_playlist("token=a")
+    assert stream.multivariant_playlist("token=a") is first  # shared until a change
+    assert "token=a" not in stream.multivariant_playlist()  # each carried query its own
+    for sample in samples[20:]:  # segments complete: the bandwidth is measured, not the target
+        stream.add_sample("90p", sample)
+    later = stream.multivariant_playlist("token=a")
+    assert later is not first and later != first
+    assert "BANDWIDTH=250000," in first and "BANDWIDTH=250000," not in later
+
+
 async def test_objects_that_leave_the_window_are_unpinned(stream):
     track, samples = encode_video(7.0)
     cache = stream._store
