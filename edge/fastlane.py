@@ -439,8 +439,8 @@ class FastLane:
                 connection.reload = _Reload.of(
                     head, request.url, stream_name=steps[0], rendition=rendition, token=token,
                     skip=reload.skip, request_id=request.request_id, client=client, reply=reply)
-            return self._playlist(connection, stream, rendition, reload, carried, rid, reply,
-                                  head)
+            return self._playlist(connection, stream, rendition, reload.msn, reload.part,
+                                  reload.skip, carried, rid, reply, head)
         name = object_name(steps[2])
         connection.fetch = _ObjectRequest.of(
             head, request.url, stream_name=steps[0], rendition=rendition, token=token,
@@ -493,24 +493,23 @@ class FastLane:
         if now >= connection.viewer_noted_until:  # the count's window is tens of seconds
             connection.viewer_noted_until = now + VIEWER_NOTE_SECONDS
             self.hls.saw_playlist_request(stream.name, reload.client)
-        return self._playlist(connection, stream, reload.rendition,
-                              ReloadQuery(msn, part, reload.skip), carried, rid, reload.reply,
-                              head)
+        return self._playlist(connection, stream, reload.rendition, msn, part, reload.skip,
+                              carried, rid, reload.reply, head)
 
     def _playlist(self, connection: FastConnection, stream: LiveStream, rendition: str,
-                  reload: ReloadQuery, carried: str, rid: bytes, reply: _Reply, head: bytes
-                  ) -> bool | None:
-        """A media playlist: now, or parked until the part a blocking reload asks for exists."""
-        if reload.msn is not None:
-            state = stream.readiness(rendition, reload.msn, reload.part)
+                  msn: int | None, part: int | None, skip: bool, carried: str, rid: bytes,
+                  reply: _Reply, head: bytes) -> bool | None:
+        """A media playlist: now, or, for a blocking reload (``msn`` given, and ``part`` with
+        it or not), parked until the part it asks for exists."""
+        if msn is not None:
+            state = stream.readiness(rendition, msn, part)
             if state is Readiness.WAIT:
                 self._park(_Parked(connection, stream, rendition, self._deadline(stream), rid,
-                                   reply, head, msn=reload.msn, part=reload.part,
-                                   skip=reload.skip, query=carried))
+                                   reply, head, msn=msn, part=part, skip=skip, query=carried))
                 return None
             if state is not Readiness.READY:
                 raise too_far()
-        self._send_playlist(connection, stream, rendition, reload.skip, carried, rid, reply)
+        self._send_playlist(connection, stream, rendition, skip, carried, rid, reply)
         return True
 
     def _deadline(self, stream: LiveStream) -> float:
@@ -621,7 +620,8 @@ class FastLane:
         if group is None or group.stream is not parked.stream:
             group = self._groups[key] = _Group(parked.stream, parked.rendition)
         group.parked.append(parked)
-        self._rearm(group)
+        if not group.armed:
+            self._rearm(group)
         parked.connection.parked = parked
         counters = self.hls.counters
         counters.blocked_requests += 1
