@@ -24,23 +24,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
-import re
 import statistics
-import sys
 import time
 
 from aiohttp import web
 
 from bench.load import node_environment
+from bench.loadclient import listed_parts, preload_hint
 from bench.ports import free_port
 from edge.app import HLS, build_app
 from edge.config import load_settings
 from edge.fastlane import FastLane
 from edge.serve import fast_lane
 
-HINT = re.compile(rb'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="part(\d+)\.(\d+)\.m4s"')
-PART = re.compile(rb'#EXT-X-PART:[^\n]*URI="part(\d+)\.(\d+)\.m4s"')
 HEADERS = b"Host: bench\r\nUser-Agent: bench\r\n"
 
 
@@ -101,16 +97,17 @@ async def playlist(lane: FastLane) -> bytes:
 async def until_hint(lane: FastLane) -> tuple[bytes, tuple[int, int]]:
     for _ in range(300):
         body = await playlist(lane)
-        hint = HINT.search(body)
-        if hint and PART.search(body):
-            return body, (int(hint[1]), int(hint[2]))
+        hint = preload_hint(body)
+        if hint and listed_parts(body):
+            return body, hint
         await asyncio.sleep(0.1)
     raise SystemExit("the demo stream did not start")
 
 
 def object_round(lane: FastLane, body: bytes, requests: int) -> float:
     """CPU microseconds per repeated request for the newest listed part."""
-    msn, part = max((int(m), int(p)) for m, p in PART.findall(body))
+    newest = listed_parts(body)[-1]
+    msn, part = newest.msn, newest.index
     connection, transport = connect(lane, 1)
     heads = [get(f"/hls/demo/180p/part{msn}.{p}.m4s") for p in range(part + 1)]
     connection.data_received(heads[-1])  # the template
@@ -177,7 +174,6 @@ async def main() -> None:
     try:
         lane = fast_lane(app, runner, settings)
         assert app[HLS] is lane.hls
-        body, _ = await until_hint(lane)
         objects, parks, wakes = [], [], []
         for _ in range(args.rounds):
             body, _ = await until_hint(lane)
@@ -194,5 +190,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.setrecursionlimit(10000)
     asyncio.run(main())

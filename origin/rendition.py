@@ -177,6 +177,8 @@ class RenditionLog:
         newest_msn = newest.msn if newest else -1
         if msn > newest_msn + 2:
             return Readiness.TOO_FAR
+        if msn > newest_msn:  # the next segment's parts (a preload hint's): none exists yet
+            return Readiness.WAIT
         for segment in reversed(self._segments):  # most ask for the newest
             if segment.msn != msn:
                 continue
