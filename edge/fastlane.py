@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import httptools
 
+from edge import burst as bursts
 from edge.errors import LivedgeError, Unauthorized
 from edge.hls import (HLS_NUMBER_MAX, OBJECT_NAME_MAX, PLAYLIST_CACHE_CONTROL, PLAYLIST_TYPE,
                       HlsRoutes, ReloadQuery, first_media_timeout, no_media_yet, no_such_object,
@@ -86,6 +87,7 @@ class LaneStats:
     repeated_reloads: int = 0  # reloads matched against their connection's last, not parsed
     repeated_objects: int = 0  # object requests matched the same way
     bursts: int = 0  # wakes of at least BURST_FROM parked requests: GIL held, no GC
+    burst_short_sends: int = 0  # a burst's answers the kernel did not take whole at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +305,7 @@ class FastLane:
         self._heads: dict[tuple, tuple[bytes, bytes]] = {}
         self._cors = "".join(f"{k}: {v}\r\n" for k, v in settings.cors_headers.items())
         self.stats = stats if stats is not None else LaneStats()
+        self._bursts_possible = bursts.bursts_possible()
 
     def __call__(self) -> asyncio.Protocol:
         """A protocol for one new connection (``loop.create_server``'s factory). With the lane
@@ -651,21 +654,27 @@ class FastLane:
         # runs meanwhile. Every switch interval (5 ms) CPython hands the GIL to a thread that asks
         # for it: the transcoders' threads stretched a 10,000-waiter burst by 10-45 %. A garbage
         # collection (a full one: 25 ms at 10,000 waiters) waits for the burst's end too
-        # (bench/README.md). The transcoders are buffered; the viewers are not.
+        # (bench/README.md). The transcoders are buffered; the viewers are not. Where a second
+        # core is usable, a helper thread makes the sends while this one prepares the later
+        # answers (edge/burst.py): the kernel's work per send is as much as our Python's.
         self.stats.bursts += 1
         interval, collecting = sys.getswitchinterval(), gc.isenabled()
         sys.setswitchinterval(BURST_SWITCH_INTERVAL)
         gc.disable()
+        burst = bursts.Burst(len(group.parked)) if self._bursts_possible else None
         try:
-            self._answer_ready(group)
+            self._answer_ready(group, burst)
         finally:
+            if burst is not None:
+                self.stats.burst_short_sends += bursts.finish(burst)
             if collecting:
                 gc.enable()
             sys.setswitchinterval(interval)
 
-    def _answer_ready(self, group: _Group) -> None:
+    def _answer_ready(self, group: _Group, burst: bursts.Burst | None = None) -> None:
         """The hot loop of blocking reloads: one render and one head per shape of answer,
-        counters summed."""
+        counters summed. With a ``burst``, the answers that can go straight to their sockets are
+        added to it (edge/burst.py) instead of written."""
         waiting: deque[_Parked] = deque()
         states: dict[tuple, Readiness] = {}
         wires: dict[tuple, tuple[bytes, bytes]] = {}  # (skip, query, connection) -> head, tail
@@ -699,7 +708,13 @@ class FastLane:
                     before, after = self._head(200, PLAYLIST_CONTENT_TYPE,
                                                PLAYLIST_CACHE_CONTROL, len(body), reply)
                     wire = wires[shape] = (before, after + body)
-                connection.transport.write(b"".join((wire[0], parked.request_id, wire[1])))
+                data = b"".join((wire[0], parked.request_id, wire[1]))
+                transport = connection.transport
+                if burst is not None and connection.fd >= 0 \
+                        and not transport.get_write_buffer_size() and not transport.is_closing():
+                    burst.add(transport, connection.fd, data)
+                else:
+                    transport.write(data)
                 playlists += 1
                 connection.answered_alive(deadline)
             else:
@@ -783,6 +798,7 @@ class FastConnection(asyncio.Protocol):
     def __init__(self, lane: FastLane) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
+        self.fd = -1  # the socket's, for a burst's direct writes (edge/burst.py)
         self.address = "-"
         self.remote = ""
         self.parked: _Parked | None = None
@@ -807,6 +823,9 @@ class FastConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")  # (under TLS, bytes must go through the transport)
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self.fd = sock.fileno()
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) and peer else ""
         self.address = client_key(self.remote or None)

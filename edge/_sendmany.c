@@ -1,0 +1,239 @@
+/* A burst of small sends to many sockets, made by a helper thread without the GIL while the event
+ * loop's thread is still preparing the burst's later answers; at the end both threads send what
+ * is left. Used by edge/burst.py for a wake's answers.
+ *
+ *   burst = Burst(capacity)
+ *   burst.add(transport, fd, data)   # with the GIL: the helper may send it at once
+ *   burst.finish() -> [(transport, bytes not sent), ...]
+ *
+ * Why C: a Python thread releases and takes the GIL around every send, so two Python threads (and
+ * the transcoders') spend a burst handing the GIL to each other. Here the helper never takes it.
+ *
+ * The helper reads only the fd, pointer and length of each added item; the Burst holds a
+ * reference to each transport and bytes object until finish() or deallocation, which wait for the
+ * helper first. A send the kernel does not take whole (a full socket buffer, an error) is returned
+ * by finish() with the bytes it did not take, for the caller to write through the transport.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#define PUBLISH_EVERY 16 /* items added before the helper is told */
+#define CLAIM 8          /* items a thread takes at a time */
+
+typedef struct {
+    int fd;
+    const char *data;
+    Py_ssize_t length;
+    Py_ssize_t sent;
+    PyObject *transport;
+    PyObject *bytes;
+} Item;
+
+typedef struct {
+    PyObject_HEAD
+    Item *items;
+    Py_ssize_t capacity;
+    Py_ssize_t added;     /* written by add(), with the GIL */
+    Py_ssize_t published; /* under lock: items the threads may send */
+    Py_ssize_t claimed;   /* under lock: items a thread has taken */
+    int closing;          /* under lock: nothing more will be published */
+    int started;
+    int finished;
+    pthread_t helper;
+    pthread_mutex_t lock;
+    pthread_cond_t more;
+} Burst;
+
+static void send_item(Item *item) {
+    ssize_t sent;
+    do {
+        sent = send(item->fd, item->data, (size_t)item->length, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    item->sent = sent < 0 ? 0 : (Py_ssize_t)sent;
+}
+
+/* Send published items until none is left; with wait, also wait for more until closing. */
+static void send_published(Burst *self, int wait) {
+    for (;;) {
+        pthread_mutex_lock(&self->lock);
+        while (wait && self->claimed == self->published && !self->closing)
+            pthread_cond_wait(&self->more, &self->lock);
+        Py_ssize_t first = self->claimed;
+        Py_ssize_t last = first + CLAIM < self->published ? first + CLAIM : self->published;
+        self->claimed = last;
+        pthread_mutex_unlock(&self->lock);
+        if (first == last)
+            return;
+        for (Py_ssize_t i = first; i < last; i++)
+            send_item(&self->items[i]);
+    }
+}
+
+static void *helper_main(void *arg) {
+    send_published((Burst *)arg, 1);
+    return NULL;
+}
+
+static void publish(Burst *self, int closing) {
+    pthread_mutex_lock(&self->lock);
+    self->published = self->added;
+    if (closing)
+        self->closing = 1;
+    pthread_cond_signal(&self->more);
+    pthread_mutex_unlock(&self->lock);
+}
+
+/* Close the burst and wait for the helper (without the GIL): every published item is sent. */
+static void wind_down(Burst *self) {
+    if (self->finished)
+        return;
+    self->finished = 1;
+    publish(self, 1);
+    Py_BEGIN_ALLOW_THREADS
+    send_published(self, 0);
+    if (self->started)
+        pthread_join(self->helper, NULL);
+    Py_END_ALLOW_THREADS
+}
+
+static int Burst_init(Burst *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"capacity", NULL};
+    Py_ssize_t capacity;
+    if (self->items != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a Burst is initialised once");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n", keywords, &capacity))
+        return -1;
+    if (capacity < 0) {
+        PyErr_SetString(PyExc_ValueError, "capacity must not be negative");
+        return -1;
+    }
+    self->items = PyMem_Calloc(capacity ? (size_t)capacity : 1, sizeof(Item));
+    if (self->items == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->capacity = capacity;
+    pthread_mutex_init(&self->lock, NULL);
+    pthread_cond_init(&self->more, NULL);
+    /* Without a helper (it could not start) the loop thread sends everything in finish(). */
+    self->started = pthread_create(&self->helper, NULL, helper_main, self) == 0;
+    return 0;
+}
+
+static PyObject *Burst_add(Burst *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "add(transport, fd, data: bytes)");
+        return NULL;
+    }
+    if (self->items == NULL || self->finished) {
+        PyErr_SetString(PyExc_RuntimeError, "the burst is finished");
+        return NULL;
+    }
+    if (self->added == self->capacity) {
+        PyErr_SetString(PyExc_OverflowError, "the burst is full");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[1]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return NULL;
+    }
+    Item *item = &self->items[self->added];
+    item->fd = (int)fd;
+    item->data = PyBytes_AS_STRING(args[2]);
+    item->length = PyBytes_GET_SIZE(args[2]);
+    Py_INCREF(args[0]);
+    item->transport = args[0];
+    Py_INCREF(args[2]);
+    item->bytes = args[2];
+    if (++self->added % PUBLISH_EVERY == 0)
+        publish(self, 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Burst_finish(Burst *self, PyObject *unused) {
+    if (self->items == NULL || self->finished) {
+        PyErr_SetString(PyExc_RuntimeError, "the burst is finished");
+        return NULL;
+    }
+    wind_down(self);
+    PyObject *short_sends = PyList_New(0);
+    if (short_sends == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->added; i++) {
+        Item *item = &self->items[i];
+        if (item->sent == item->length)
+            continue;
+        PyObject *pair = Py_BuildValue("(Oy#)", item->transport, item->data + item->sent,
+                                       item->length - item->sent);
+        if (pair == NULL || PyList_Append(short_sends, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_DECREF(short_sends);
+            return NULL;
+        }
+        Py_DECREF(pair);
+    }
+    return short_sends;
+}
+
+static void Burst_dealloc(Burst *self) {
+    if (self->items != NULL) {
+        wind_down(self);
+        for (Py_ssize_t i = 0; i < self->added; i++) {
+            Py_DECREF(self->items[i].transport);
+            Py_DECREF(self->items[i].bytes);
+        }
+        PyMem_Free(self->items);
+        pthread_mutex_destroy(&self->lock);
+        pthread_cond_destroy(&self->more);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Burst_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))Burst_add, METH_FASTCALL,
+     "add(transport, fd, data): queue one send; the helper thread may make it at once"},
+    {"finish", (PyCFunction)Burst_finish, METH_NOARGS,
+     "finish() -> [(transport, bytes not sent), ...]: make every send, on both threads"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject BurstType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "edge._sendmany.Burst",
+    .tp_doc = "Burst(capacity): sends made by a helper thread as they are added",
+    .tp_basicsize = sizeof(Burst),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Burst_init,
+    .tp_dealloc = (destructor)Burst_dealloc,
+    .tp_methods = Burst_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "edge._sendmany", "A burst of sends, made without the GIL.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__sendmany(void) {
+    if (PyType_Ready(&BurstType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&BurstType);
+    if (PyModule_AddObject(m, "Burst", (PyObject *)&BurstType) < 0) {
+        Py_DECREF(&BurstType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

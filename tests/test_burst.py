@@ -1,0 +1,180 @@
+"""A burst's sends (edge/burst.py, edge/_sendmany.c) over real TCP sockets on 127.0.0.1: every
+byte arrives, in order; what the kernel does not take goes through the transport; a broken
+connection is closed by its transport as a plain write would have."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+
+from edge import burst as bursts
+
+
+def test_the_compiled_module_is_built_and_bursts_are_possible_on_two_cores():
+    # scripts/test builds the extension; a silent build failure would quietly turn bursts off.
+    assert bursts.Burst is not None
+    assert bursts.bursts_possible() == (bursts.usable_cores() > 1)
+
+
+class Sink(asyncio.Protocol):
+    """The reading end of one connection: keeps every byte."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+
+class Source(asyncio.Protocol):
+    """The writing end: a transport, and whether the loop saw the connection end."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+async def connected_pairs(count: int) -> tuple[asyncio.Server, list[Source], list[Sink]]:
+    loop = asyncio.get_running_loop()
+    sinks: list[Sink] = []
+
+    def sink() -> Sink:
+        sinks.append(Sink())
+        return sinks[-1]
+
+    server = await loop.create_server(sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sources = [(await loop.create_connection(Source, "127.0.0.1", port))[1] for _ in range(count)]
+    while len(sinks) < count:
+        await asyncio.sleep(0.01)
+    return server, sources, sinks
+
+
+def fd_of(source: Source) -> int:
+    return source.transport.get_extra_info("socket").fileno()
+
+
+async def until(condition, seconds: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_every_answer_of_a_burst_arrives_whole_and_in_order_on_its_connection():
+    server, sources, sinks = await connected_pairs(300)
+    try:
+        burst = bursts.Burst(2 * len(sources))
+        expected = []
+        for round_ in range(2):  # two answers per connection: their order must hold
+            for index, source in enumerate(sources):
+                data = f"answer {round_} to {index};".encode() * (1 + index % 50)
+                burst.add(source.transport, fd_of(source), data)
+        for index in range(len(sources)):
+            expected.append(b"".join(f"answer {round_} to {index};".encode() * (1 + index % 50)
+                                     for round_ in range(2)))
+        assert bursts.finish(burst) == 0
+        await until(lambda: all(len(s.data) == len(e) for s, e in zip(sinks, expected)))
+        assert [bytes(s.data) for s in sinks] == expected
+    finally:
+        for source in sources:
+            source.transport.close()
+        server.close()
+
+
+async def test_what_the_kernel_does_not_take_is_written_through_the_transport():
+    server, sources, sinks = await connected_pairs(1)
+    source, sink = sources[0], sinks[0]
+    try:
+        source.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = bytes(range(256)) * 16_384  # 4 MiB: far more than the socket buffers hold
+        burst = bursts.Burst(1)
+        burst.add(source.transport, fd_of(source), big)
+        assert bursts.finish(burst) == 1
+        assert source.transport.get_write_buffer_size() > 0  # the rest waits in the transport
+        await until(lambda: len(sink.data) == len(big))
+        assert bytes(sink.data) == big
+    finally:
+        source.transport.close()
+        server.close()
+
+
+async def test_a_connection_the_peer_reset_is_closed_by_its_transport_and_others_are_answered():
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    sources, far_ends = [], []
+    try:
+        for _ in range(2):
+            sources.append((await loop.create_connection(Source, "127.0.0.1", port))[1])
+            far_ends.append(listener.accept()[0])
+        reset, healthy = sources
+        # The far end resets the first connection (SO_LINGER 0: close() sends RST); the loop has
+        # not seen it when the burst's send meets it.
+        far_ends[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        far_ends[0].close()
+        burst = bursts.Burst(2)
+        burst.add(reset.transport, fd_of(reset), b"to nobody")
+        burst.add(healthy.transport, fd_of(healthy), b"still here")
+        assert bursts.finish(burst) == 1  # the reset one, left to its transport
+        assert isinstance(await asyncio.wait_for(reset.lost, 5), OSError)  # closed with the error
+        far_ends[1].settimeout(5)
+        assert far_ends[1].recv(100) == b"still here"
+    finally:
+        for source in sources:
+            source.transport.close()
+        for far in far_ends:
+            far.close()
+        listener.close()
+
+
+def test_misuse_is_refused_not_crashed():
+    left, right = socket.socketpair()
+    try:
+        burst = bursts.Burst(1)
+        with pytest.raises(TypeError):
+            burst.add(None, left.fileno(), "text, not bytes")
+        with pytest.raises(ValueError):
+            burst.add(None, -1, b"x")
+        burst.add(None, left.fileno(), b"one")
+        with pytest.raises(OverflowError):
+            burst.add(None, left.fileno(), b"two")
+        assert burst.finish() == []
+        with pytest.raises(RuntimeError):
+            burst.add(None, left.fileno(), b"late")
+        with pytest.raises(RuntimeError):
+            burst.finish()
+        assert right.recv(10) == b"one"
+        with pytest.raises(ValueError):
+            bursts.Burst(-1)
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_burst_dropped_without_finishing_still_sends_what_it_was_given():
+    left, right = socket.socketpair()
+    try:
+        burst = bursts.Burst(2)
+        burst.add(None, left.fileno(), b"never ")
+        burst.add(None, left.fileno(), b"lost")
+        del burst
+        right.settimeout(5)
+        received = b""
+        while len(received) < 10:
+            received += right.recv(10)
+        assert received == b"never lost"
+    finally:
+        left.close()
+        right.close()
