@@ -12,7 +12,9 @@ A send goes straight to the socket only where nothing the transport holds can be
 write buffer is empty and it is not closing (the caller checks, and nothing else writes to it
 until the burst is finished: the loop thread is in the burst). What the kernel does not take at
 once (a full socket buffer, an error) is written through the transport afterwards, which buffers
-it, or meets the error and closes the connection as it would have.
+it, or meets the error and closes the connection as it would have. So a burst holds at most one
+answer per connection (a woken group holds one parked request per connection): a second answer
+would overtake the rest of the first.
 
 Without the compiled module (a build without a C compiler) or without a second core there are no
 bursts: every answer goes through its transport, as before.

@@ -708,13 +708,12 @@ class FastLane:
                     before, after = self._head(200, PLAYLIST_CONTENT_TYPE,
                                                PLAYLIST_CACHE_CONTROL, len(body), reply)
                     wire = wires[shape] = (before, after + body)
-                data = b"".join((wire[0], parked.request_id, wire[1]))
                 transport = connection.transport
                 if burst is not None and connection.fd >= 0 \
                         and not transport.get_write_buffer_size() and not transport.is_closing():
-                    burst.add(transport, connection.fd, data)
+                    burst.add(transport, connection.fd, wire[0], parked.request_id, wire[1])
                 else:
-                    transport.write(data)
+                    transport.write(b"".join((wire[0], parked.request_id, wire[1])))
                 playlists += 1
                 connection.answered_alive(deadline)
             else:

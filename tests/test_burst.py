@@ -5,6 +5,7 @@ connection is closed by its transport as a plain write would have."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 
@@ -74,16 +75,16 @@ async def until(condition, seconds: float = 10.0) -> None:
 async def test_every_answer_of_a_burst_arrives_whole_and_in_order_on_its_connection():
     server, sources, sinks = await connected_pairs(300)
     try:
-        burst = bursts.Burst(2 * len(sources))
-        expected = []
-        for round_ in range(2):  # two answers per connection: their order must hold
+        def answer(round_: int, index: int) -> bytes:
+            return f"answer {round_} to {index};".encode() * (1 + index % 50)
+
+        for round_ in range(2):  # one answer per connection and burst, as the lane sends them
+            burst = bursts.Burst(len(sources))
             for index, source in enumerate(sources):
-                data = f"answer {round_} to {index};".encode() * (1 + index % 50)
-                burst.add(source.transport, fd_of(source), data)
-        for index in range(len(sources)):
-            expected.append(b"".join(f"answer {round_} to {index};".encode() * (1 + index % 50)
-                                     for round_ in range(2)))
-        assert bursts.finish(burst) == 0
+                data = answer(round_, index)
+                burst.add(source.transport, fd_of(source), data[:7], data[7:-1], data[-1:])
+            assert bursts.finish(burst) == 0
+        expected = [answer(0, index) + answer(1, index) for index in range(len(sources))]
         await until(lambda: all(len(s.data) == len(e) for s, e in zip(sinks, expected)))
         assert [bytes(s.data) for s in sinks] == expected
     finally:
@@ -93,20 +94,37 @@ async def test_every_answer_of_a_burst_arrives_whole_and_in_order_on_its_connect
 
 
 async def test_what_the_kernel_does_not_take_is_written_through_the_transport():
-    server, sources, sinks = await connected_pairs(1)
-    source, sink = sources[0], sinks[0]
+    server, sources, sinks = await connected_pairs(2)
+    partial, full = sources
     try:
-        source.transport.get_extra_info("socket").setsockopt(
+        partial.transport.get_extra_info("socket").setsockopt(
             socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # Fill the second connection's socket: the kernel will take none of its answer.
+        raw = socket.socket(fileno=os.dup(fd_of(full)))
+        raw.setblocking(False)
+        filler = b"f" * 65536
+        filled = 0
+        try:
+            while True:
+                filled += raw.send(filler)
+        except BlockingIOError:
+            pass
+        finally:
+            raw.close()
         big = bytes(range(256)) * 16_384  # 4 MiB: far more than the socket buffers hold
-        burst = bursts.Burst(1)
-        burst.add(source.transport, fd_of(source), big)
-        assert bursts.finish(burst) == 1
-        assert source.transport.get_write_buffer_size() > 0  # the rest waits in the transport
-        await until(lambda: len(sink.data) == len(big))
-        assert bytes(sink.data) == big
+        burst = bursts.Burst(2)
+        # Three pieces, the kernel stopping in one of them: the rest starts where it stopped.
+        burst.add(partial.transport, fd_of(partial), big[:100], big[100:-100], big[-100:])
+        burst.add(full.transport, fd_of(full), b"A" * 10, b"B", b"C")
+        assert bursts.finish(burst) == 2
+        assert partial.transport.get_write_buffer_size() > 0  # the rest waits in the transport
+        assert full.transport.get_write_buffer_size() == 12  # all of it
+        expected = [big, b"f" * filled + b"A" * 10 + b"BC"]
+        await until(lambda: [len(sink.data) for sink in sinks] == [len(e) for e in expected])
+        assert [bytes(sink.data) for sink in sinks] == expected
     finally:
-        source.transport.close()
+        for source in sources:
+            source.transport.close()
         server.close()
 
 
@@ -125,8 +143,8 @@ async def test_a_connection_the_peer_reset_is_closed_by_its_transport_and_others
         far_ends[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         far_ends[0].close()
         burst = bursts.Burst(2)
-        burst.add(reset.transport, fd_of(reset), b"to nobody")
-        burst.add(healthy.transport, fd_of(healthy), b"still here")
+        burst.add(reset.transport, fd_of(reset), b"to ", b"no", b"body")
+        burst.add(healthy.transport, fd_of(healthy), b"still", b" ", b"here")
         assert bursts.finish(burst) == 1  # the reset one, left to its transport
         assert isinstance(await asyncio.wait_for(reset.lost, 5), OSError)  # closed with the error
         far_ends[1].settimeout(5)
@@ -144,15 +162,17 @@ def test_misuse_is_refused_not_crashed():
     try:
         burst = bursts.Burst(1)
         with pytest.raises(TypeError):
-            burst.add(None, left.fileno(), "text, not bytes")
+            burst.add(None, left.fileno(), b"", "text, not bytes", b"")
+        with pytest.raises(TypeError):
+            burst.add(None, left.fileno(), b"two pieces", b"")
         with pytest.raises(ValueError):
-            burst.add(None, -1, b"x")
-        burst.add(None, left.fileno(), b"one")
+            burst.add(None, -1, b"x", b"", b"")
+        burst.add(None, left.fileno(), b"o", b"n", b"e")
         with pytest.raises(OverflowError):
-            burst.add(None, left.fileno(), b"two")
+            burst.add(None, left.fileno(), b"t", b"w", b"o")
         assert burst.finish() == []
         with pytest.raises(RuntimeError):
-            burst.add(None, left.fileno(), b"late")
+            burst.add(None, left.fileno(), b"l", b"at", b"e")
         with pytest.raises(RuntimeError):
             burst.finish()
         assert right.recv(10) == b"one"
@@ -167,8 +187,8 @@ def test_a_burst_dropped_without_finishing_still_sends_what_it_was_given():
     left, right = socket.socketpair()
     try:
         burst = bursts.Burst(2)
-        burst.add(None, left.fileno(), b"never ")
-        burst.add(None, left.fileno(), b"lost")
+        burst.add(None, left.fileno(), b"nev", b"er", b" ")
+        burst.add(None, left.fileno(), b"", b"lost", b"")
         del burst
         right.settimeout(5)
         received = b""
