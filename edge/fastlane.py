@@ -794,6 +794,11 @@ def _reply(keep_alive: bool, version: str) -> _Reply:
 class FastConnection(asyncio.Protocol):
     """One HTTP/1.1 connection in the lane, until it is handed to aiohttp."""
 
+    # Slots: a wake reads a few of these from each of thousands of connections.
+    __slots__ = ("lane", "transport", "fd", "address", "remote", "parked", "fetching", "reload",
+                 "fetch", "viewer_noted_until", "_buffer", "_request", "_handler", "_closing",
+                 "_write_paused", "_read_paused", "_counted", "_idle_deadline", "_idle_timer")
+
     def __init__(self, lane: FastLane) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
