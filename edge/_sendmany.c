@@ -99,17 +99,17 @@ static void publish(Burst *self, int closing) {
     pthread_mutex_unlock(&self->lock);
 }
 
-/* Close the burst and wait for the helper (without the GIL): every published item is sent. */
+/* Close the burst and wait for the helper: every published item is sent. The GIL stays held:
+ * released, it would go to another thread (a transcoder's) that need not give it back before its
+ * switch interval, which a burst lengthens (edge/fastlane.py); the helper never takes it. */
 static void wind_down(Burst *self) {
     if (self->finished)
         return;
     self->finished = 1;
     publish(self, 1);
-    Py_BEGIN_ALLOW_THREADS
     send_published(self, 0);
     if (self->started)
         pthread_join(self->helper, NULL);
-    Py_END_ALLOW_THREADS
 }
 
 static int Burst_init(Burst *self, PyObject *args, PyObject *kwargs) {
