@@ -111,6 +111,9 @@ def test_image_holds_runtime_packages_only_and_runs_as_non_root(image):
     codecs = run_in_image(image, "-c", "import av; [av.codec.Codec(n, 'w') for n in "
                           "('libx264', 'aac')]; print('ok', av.__version__)", entrypoint="python3")
     assert codecs.startswith("ok ")
+    # The burst sender (edge/_sendmany.c) was compiled into livedge's wheel and loads here.
+    assert run_in_image(image, "-c", "import edge.burst as b; print(b.Burst.__name__)",
+                        entrypoint="python3").strip() == "Burst"
 
 
 def _get(url: str, timeout: float = 10) -> bytes:
