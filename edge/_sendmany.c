@@ -13,12 +13,16 @@
  * answers share their head and tail and differ in a request id between, and joining them first
  * would allocate the whole burst's bytes anew (20 MB for 10,000 playlists, most of the burst's
  * Python time). The helper reads only the fd and the iovecs; the Burst holds a reference to each
- * transport and bytes object until finish() or deallocation, which wait for the helper first. A send the kernel does not take whole (a full socket buffer, an error) is returned
- * by finish() with the bytes it did not take, for the caller to write through the transport. So a
- * burst holds at most one answer per socket: a second would overtake the first's rest.
+ * transport and bytes object until it is freed, after the helper has ended. A Burst freed
+ * without finish() sends nothing more.
+ *
+ * A send the kernel does not take whole (a full socket buffer, an error) is returned by finish()
+ * with the bytes it did not take, for the caller to write through the transport. So a burst holds
+ * at most one answer per socket: a second would overtake the first's rest.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <pthread.h>
@@ -156,19 +160,24 @@ static PyObject *Burst_add(Burst *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "add(transport, fd, head, middle, tail): bytes");
         return NULL;
     }
-    if (self->items == NULL || self->finished) {
-        PyErr_SetString(PyExc_RuntimeError, "the burst is finished");
-        return NULL;
-    }
-    if (self->added == self->capacity) {
-        PyErr_SetString(PyExc_OverflowError, "the burst is full");
-        return NULL;
-    }
+    /* The fd first: converting it may run Python code (__index__), which may use this burst. */
     long fd = PyLong_AsLong(args[1]);
     if (fd == -1 && PyErr_Occurred())
         return NULL;
     if (fd < 0 || fd > INT_MAX) {
         PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return NULL;
+    }
+    if (self->items == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the burst is not initialised");
+        return NULL;
+    }
+    if (self->finished) {
+        PyErr_SetString(PyExc_RuntimeError, "the burst is finished");
+        return NULL;
+    }
+    if (self->added == self->capacity) {
+        PyErr_SetString(PyExc_OverflowError, "the burst is full");
         return NULL;
     }
     Item *item = &self->items[self->added];
@@ -211,7 +220,8 @@ static PyObject *rest_of(const Item *item) {
 
 static PyObject *Burst_finish(Burst *self, PyObject *unused) {
     if (self->items == NULL || self->finished) {
-        PyErr_SetString(PyExc_RuntimeError, "the burst is finished");
+        PyErr_SetString(PyExc_RuntimeError, self->items == NULL ? "the burst is not initialised"
+                                                                : "the burst is finished");
         return NULL;
     }
     wind_down(self);
@@ -234,9 +244,24 @@ static PyObject *Burst_finish(Burst *self, PyObject *unused) {
     return short_sends;
 }
 
+/* Dropped without finish(): send nothing more (by the time it is freed, its sockets may be closed
+ * and their numbers reused); the helper ends after the items it holds. */
+static void abandon(Burst *self) {
+    if (self->finished)
+        return;
+    self->finished = 1;
+    pthread_mutex_lock(&self->lock);
+    self->published = self->claimed;
+    self->closing = 1;
+    pthread_cond_signal(&self->more);
+    pthread_mutex_unlock(&self->lock);
+    if (self->started)
+        pthread_join(self->helper, NULL);
+}
+
 static void Burst_dealloc(Burst *self) {
     if (self->items != NULL) {
-        wind_down(self);
+        abandon(self);
         for (Py_ssize_t i = 0; i < self->added; i++) {
             Py_DECREF(self->items[i].transport);
             for (int piece = 0; piece < PIECES; piece++)
@@ -257,6 +282,11 @@ static PyMethodDef Burst_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyMemberDef Burst_members[] = {
+    {"added", T_PYSSIZET, offsetof(Burst, added), READONLY, "answers added"},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyTypeObject BurstType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "edge._sendmany.Burst",
@@ -267,6 +297,7 @@ static PyTypeObject BurstType = {
     .tp_init = (initproc)Burst_init,
     .tp_dealloc = (destructor)Burst_dealloc,
     .tp_methods = Burst_methods,
+    .tp_members = Burst_members,
 };
 
 static struct PyModuleDef module = {

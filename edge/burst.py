@@ -22,7 +22,10 @@ bursts: every answer goes through its transport, as before.
 
 from __future__ import annotations
 
+import logging
 import os
+
+log = logging.getLogger("livedge.burst")
 
 try:
     from edge._sendmany import Burst
@@ -42,10 +45,14 @@ def bursts_possible() -> bool:
     return Burst is not None and usable_cores() > 1
 
 
-def finish(burst: Burst) -> int:
-    """Make every send of ``burst``; returns how many the kernel did not take whole at once (their
-    rest is written through their transports)."""
+def finish(burst: Burst) -> tuple[int, int]:
+    """Make every send of ``burst``; returns how many answers it held and how many the kernel did
+    not take whole at once (their rest is written through their transports)."""
     short = burst.finish()
     for transport, rest in short:
-        transport.write(rest)
-    return len(short)
+        try:
+            transport.write(rest)
+        except Exception:  # a transport that cannot take it: that connection alone is lost
+            log.exception("a burst's answer could not be written; closing its connection")
+            transport.abort()
+    return burst.added, len(short)

@@ -87,7 +87,8 @@ class LaneStats:
     repeated_reloads: int = 0  # reloads matched against their connection's last, not parsed
     repeated_objects: int = 0  # object requests matched the same way
     bursts: int = 0  # wakes of at least BURST_FROM parked requests: GIL held, no GC
-    burst_short_sends: int = 0  # a burst's answers the kernel did not take whole at once
+    burst_answers: int = 0  # answers the burst sender sent straight to their sockets
+    burst_short_sends: int = 0  # of those, the ones the kernel did not take whole at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -661,12 +662,16 @@ class FastLane:
         interval, collecting = sys.getswitchinterval(), gc.isenabled()
         sys.setswitchinterval(BURST_SWITCH_INTERVAL)
         gc.disable()
-        burst = bursts.Burst(len(group.parked)) if self._bursts_possible else None
         try:
-            self._answer_ready(group, burst)
+            burst = bursts.Burst(len(group.parked)) if self._bursts_possible else None
+            try:
+                self._answer_ready(group, burst)
+            finally:
+                if burst is not None:
+                    answers, short = bursts.finish(burst)
+                    self.stats.burst_answers += answers
+                    self.stats.burst_short_sends += short
         finally:
-            if burst is not None:
-                self.stats.burst_short_sends += bursts.finish(burst)
             if collecting:
                 gc.enable()
             sys.setswitchinterval(interval)
@@ -827,7 +832,7 @@ class FastConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")  # (under TLS, bytes must go through the transport)
+        sock = transport.get_extra_info("socket")  # (under TLS, bytes go through the transport)
         if sock is not None and transport.get_extra_info("sslcontext") is None:
             self.fd = sock.fileno()
         peer = transport.get_extra_info("peername")

@@ -166,6 +166,9 @@ _LANE_COUNTERS = (
     ("livedge_fast_lane_bursts",
      "Wakes of so many parked requests that they are answered holding the GIL, without garbage "
      "collection", "bursts"),
+    ("livedge_fast_lane_burst_answers",
+     "Answers of bursts sent straight to their sockets by the burst sender (edge/burst.py)",
+     "burst_answers"),
     ("livedge_fast_lane_burst_short_sends",
      "Answers of a burst the kernel did not take whole at once (a full socket buffer, an error): "
      "their rest went through the connection's transport", "burst_short_sends"),

@@ -15,6 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from bench.soak import encode_ts, publish_ws
+from edge.burst import bursts_possible
 from edge.tokens import Scope, issue_token
 from edge.fastlane import BURST_FROM, _KEEP_ALIVE, _ObjectRequest, _Reload
 from tests.nodes import TEST_SECRET, RunningNode, running_node
@@ -159,6 +160,7 @@ def test_a_tame_request_id_is_echoed(node):
 def test_parked_reloads_are_all_answered_with_the_part_they_wait_for(node, count):
     # From BURST_FROM on, a wake is a burst: answered holding the GIL, without collections.
     bursts = metric(node.url, "livedge_fast_lane_bursts_total")
+    sent_by_burst = metric(node.url, "livedge_fast_lane_burst_answers_total")
     probe = Http(node.url)
     msn, part = next_part(probe)
     probe.close()
@@ -180,6 +182,9 @@ def test_parked_reloads_are_all_answered_with_the_part_they_wait_for(node, count
     assert len({body for _, _, body in answers}) == 1  # one render shared by every waiter
     assert (metric(node.url, "livedge_fast_lane_bursts_total") > bursts) == \
         (count >= BURST_FROM)
+    # Where two cores are usable, a burst's answers went through the burst sender (edge/burst.py).
+    assert (metric(node.url, "livedge_fast_lane_burst_answers_total") > sent_by_burst) == \
+        (count >= BURST_FROM and bursts_possible())
 
 
 def test_a_players_repeated_reloads_are_matched_not_parsed_and_answered_alike(node):
