@@ -5,6 +5,7 @@ connection is closed by its transport as a plain write would have."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
@@ -47,7 +48,9 @@ class Source(asyncio.Protocol):
             self.lost.set_result(exc)
 
 
-async def connected_pairs(count: int) -> tuple[asyncio.Server, list[Source], list[Sink]]:
+@contextlib.asynccontextmanager
+async def connected_pairs(count: int):
+    """``count`` loopback TCP connections: (our ends, the far ends' sinks); closed on exit."""
     loop = asyncio.get_running_loop()
     sinks: list[Sink] = []
 
@@ -57,10 +60,17 @@ async def connected_pairs(count: int) -> tuple[asyncio.Server, list[Source], lis
 
     server = await loop.create_server(sink, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    sources = [(await loop.create_connection(Source, "127.0.0.1", port))[1] for _ in range(count)]
-    while len(sinks) < count:
-        await asyncio.sleep(0.01)
-    return server, sources, sinks
+    sources: list[Source] = []
+    try:
+        for _ in range(count):
+            sources.append((await loop.create_connection(Source, "127.0.0.1", port))[1])
+        while len(sinks) < count:
+            await asyncio.sleep(0.01)
+        yield sources, sinks
+    finally:
+        for source in sources:
+            source.transport.close()
+        server.close()
 
 
 def fd_of(source: Source) -> int:
@@ -75,8 +85,7 @@ async def until(condition, seconds: float = 10.0) -> None:
 
 
 async def test_every_answer_of_a_burst_arrives_whole_and_in_order_on_its_connection():
-    server, sources, sinks = await connected_pairs(300)
-    try:
+    async with connected_pairs(300) as (sources, sinks):
         def answer(round_: int, index: int) -> bytes:
             return f"answer {round_} to {index};".encode() * (1 + index % 50)
 
@@ -89,16 +98,11 @@ async def test_every_answer_of_a_burst_arrives_whole_and_in_order_on_its_connect
         expected = [answer(0, index) + answer(1, index) for index in range(len(sources))]
         await until(lambda: all(len(s.data) == len(e) for s, e in zip(sinks, expected)))
         assert [bytes(s.data) for s in sinks] == expected
-    finally:
-        for source in sources:
-            source.transport.close()
-        server.close()
 
 
 async def test_what_the_kernel_does_not_take_is_written_through_the_transport():
-    server, sources, sinks = await connected_pairs(2)
-    partial, full = sources
-    try:
+    async with connected_pairs(2) as (sources, sinks):
+        partial, full = sources
         partial.transport.get_extra_info("socket").setsockopt(
             socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         # Fill the second connection's socket: the kernel will take none of its answer.
@@ -124,10 +128,6 @@ async def test_what_the_kernel_does_not_take_is_written_through_the_transport():
         expected = [big, b"f" * filled + b"A" * 10 + b"BC"]
         await until(lambda: [len(sink.data) for sink in sinks] == [len(e) for e in expected])
         assert [bytes(sink.data) for sink in sinks] == expected
-    finally:
-        for source in sources:
-            source.transport.close()
-        server.close()
 
 
 async def test_a_connection_the_peer_reset_is_closed_by_its_transport_and_others_are_answered():
