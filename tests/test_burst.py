@@ -73,6 +73,15 @@ async def connected_pairs(count: int):
         server.close()
 
 
+@pytest.fixture
+def pair():
+    """A connected pair of sockets (left sends, right receives), closed after the test."""
+    left, right = socket.socketpair()
+    yield left, right
+    left.close()
+    right.close()
+
+
 def fd_of(source: Source) -> int:
     return source.transport.get_extra_info("socket").fileno()
 
@@ -159,69 +168,57 @@ async def test_a_connection_the_peer_reset_is_closed_by_its_transport_and_others
         listener.close()
 
 
-def test_misuse_is_refused_not_crashed():
-    left, right = socket.socketpair()
-    try:
-        burst = bursts.Burst(1)
-        with pytest.raises(TypeError):
-            burst.add(None, left.fileno(), b"", "text, not bytes", b"")
-        with pytest.raises(TypeError):
-            burst.add(None, left.fileno(), b"two pieces", b"")
-        with pytest.raises(ValueError):
-            burst.add(None, -1, b"x", b"", b"")
-        burst.add(None, left.fileno(), b"o", b"n", b"e")
-        with pytest.raises(OverflowError):
-            burst.add(None, left.fileno(), b"t", b"w", b"o")
-        assert burst.finish() == []
-        with pytest.raises(RuntimeError):
-            burst.add(None, left.fileno(), b"l", b"at", b"e")
-        with pytest.raises(RuntimeError):
-            burst.finish()
-        assert right.recv(10) == b"one"
-        with pytest.raises(ValueError):
-            bursts.Burst(-1)
-    finally:
-        left.close()
-        right.close()
+def test_misuse_is_refused_not_crashed(pair):
+    left, right = pair
+    burst = bursts.Burst(1)
+    with pytest.raises(TypeError):
+        burst.add(None, left.fileno(), b"", "text, not bytes", b"")
+    with pytest.raises(TypeError):
+        burst.add(None, left.fileno(), b"two pieces", b"")
+    with pytest.raises(ValueError):
+        burst.add(None, -1, b"x", b"", b"")
+    burst.add(None, left.fileno(), b"o", b"n", b"e")
+    with pytest.raises(OverflowError):
+        burst.add(None, left.fileno(), b"t", b"w", b"o")
+    assert burst.finish() == []
+    with pytest.raises(RuntimeError):
+        burst.add(None, left.fileno(), b"l", b"at", b"e")
+    with pytest.raises(RuntimeError):
+        burst.finish()
+    assert right.recv(10) == b"one"
+    with pytest.raises(ValueError):
+        bursts.Burst(-1)
 
 
-def test_a_burst_dropped_without_finishing_sends_nothing_more_and_lets_go():
+def test_a_burst_dropped_without_finishing_sends_nothing_more_and_lets_go(pair):
     # Freed later, its sockets may be closed and their numbers reused: it must not send then.
-    left, right = socket.socketpair()
+    left, right = pair
     head, middle, tail = b"nev" + bytes(1), b"er" + bytes(1), b" sent" + bytes(1)
     held = [sys.getrefcount(piece) for piece in (head, middle, tail)]
-    try:
-        burst = bursts.Burst(4)
-        burst.add(None, left.fileno(), head, middle, tail)  # fewer than the helper is told of
-        assert [sys.getrefcount(piece) for piece in (head, middle, tail)] == \
-            [count + 1 for count in held]
-        del burst
-        right.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            right.recv(100)
-        assert [sys.getrefcount(piece) for piece in (head, middle, tail)] == held
-    finally:
-        left.close()
-        right.close()
+    burst = bursts.Burst(4)
+    burst.add(None, left.fileno(), head, middle, tail)  # fewer than the helper is told of
+    assert [sys.getrefcount(piece) for piece in (head, middle, tail)] == \
+        [count + 1 for count in held]
+    del burst
+    right.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        right.recv(100)
+    assert [sys.getrefcount(piece) for piece in (head, middle, tail)] == held
 
 
-def test_a_file_descriptor_that_runs_code_cannot_overfill_a_burst():
-    left, right = socket.socketpair()
-    try:
-        burst = bursts.Burst(1)
+def test_a_file_descriptor_that_runs_code_cannot_overfill_a_burst(pair):
+    left, right = pair
+    burst = bursts.Burst(1)
 
-        class Sneaky:  # its conversion to an int adds to the same burst first
-            def __index__(self) -> int:
-                burst.add(None, left.fileno(), b"in", b"ne", b"r")
-                return left.fileno()
+    class Sneaky:  # its conversion to an int adds to the same burst first
+        def __index__(self) -> int:
+            burst.add(None, left.fileno(), b"in", b"ne", b"r")
+            return left.fileno()
 
-        with pytest.raises(OverflowError):
-            burst.add(None, Sneaky(), b"ou", b"te", b"r")
-        assert burst.added == 1 and burst.finish() == []
-        assert right.recv(10) == b"inner"
-    finally:
-        left.close()
-        right.close()
+    with pytest.raises(OverflowError):
+        burst.add(None, Sneaky(), b"ou", b"te", b"r")
+    assert burst.added == 1 and burst.finish() == []
+    assert right.recv(10) == b"inner"
 
 
 # A stand-in for a kernel that takes fewer bytes: sendmsg through to the real one, its iovecs cut
