@@ -8,6 +8,11 @@ that prepares the answer. One thread doing both answers 10,000 in no less than 1
 threads do not help: each send releases and takes the GIL, and two threads (and the transcoders')
 spend the burst handing it to each other.
 
+For the burst the two threads are kept on different cores (the loop's thread on the one it is
+on, the helper on the others; the loop's thread gets its CPU set back at the end): left to the
+scheduler, both sometimes shared one core for a whole burst, and such bursts took half as long
+again (bench/README.md, session 11).
+
 A send goes straight to the socket only where nothing the transport holds can be overtaken: its
 write buffer is empty and it is not closing (the caller checks, and nothing else writes to it
 until the burst is finished: the loop thread is in the burst). What the kernel does not take at

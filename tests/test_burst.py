@@ -11,6 +11,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -204,6 +206,81 @@ def test_a_burst_dropped_without_finishing_sends_nothing_more_and_lets_go(pair):
     with pytest.raises(BlockingIOError):
         right.recv(100)
     assert [sys.getrefcount(piece) for piece in (head, middle, tail)] == held
+
+
+def thread_ids() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/task")}
+
+
+def make_burst_on_a_thread() -> tuple[dict, threading.Thread]:
+    """A burst made on a thread of its own that waits for ``go`` before it ends: ``burst``, that
+    thread's id (``thread``) and its CPU set ``before`` and ``after`` it made the burst."""
+    made: dict = {}
+
+    def make() -> None:
+        made["before"] = os.sched_getaffinity(0)
+        made["burst"] = bursts.Burst(1)
+        made["after"] = os.sched_getaffinity(0)
+        made["thread"] = threading.get_native_id()
+        made["go"].wait(10)  # alive until the test has looked at it
+
+    made["go"] = threading.Event()
+    maker = threading.Thread(target=make)
+    maker.start()
+    while "thread" not in made:
+        time.sleep(0.01)
+    return made, maker
+
+
+def test_a_burst_keeps_its_helper_and_its_maker_on_different_cores_until_it_ends():
+    # Left to the scheduler, both threads sometimes shared one core for a whole burst.
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2:
+        pytest.fail("bursts are for machines with two cores or more; CI has two")
+    before = thread_ids()
+    made, maker = make_burst_on_a_thread()
+    try:
+        helpers = thread_ids() - before - {made["thread"]}
+        assert len(helpers) == 1
+        (maker_core,) = made["after"]  # held to the core it was on
+        assert made["before"] == cores
+        assert os.sched_getaffinity(helpers.pop()) == cores - {maker_core}
+        # Ended from another thread (this one): the maker gets its cores back all the same.
+        assert made["burst"].finish() == []
+        assert os.sched_getaffinity(made["thread"]) == cores
+    finally:
+        made["go"].set()
+        maker.join()
+
+
+def test_a_burst_dropped_without_finishing_gives_its_maker_its_cores_back():
+    made, maker = make_burst_on_a_thread()
+    try:
+        assert len(made["after"]) == 1
+        del made["burst"]
+        assert os.sched_getaffinity(made["thread"]) == made["before"]
+    finally:
+        made["go"].set()
+        maker.join()
+
+
+def test_a_burst_made_on_a_thread_restricted_to_one_core_changes_nothing(pair):
+    left, right = pair
+    core = min(os.sched_getaffinity(0))
+    made: dict = {}
+
+    def make_and_finish() -> None:
+        os.sched_setaffinity(0, {core})
+        burst = bursts.Burst(1)
+        made["during"] = os.sched_getaffinity(0)
+        burst.add(None, left.fileno(), b"on ", b"one ", b"core")
+        made["short"] = burst.finish()
+
+    worker = threading.Thread(target=make_and_finish)
+    worker.start()
+    worker.join()
+    assert made == {"during": {core}, "short": []}
+    assert right.recv(100) == b"on one core"
 
 
 def test_a_file_descriptor_that_runs_code_cannot_overfill_a_burst(pair):
