@@ -152,8 +152,15 @@ static void unpin_caller(Burst *self) {
     if (!self->pinned)
         return;
     self->pinned = 0;
-    if (gettid() == self->caller || syscall(SYS_tgkill, getpid(), self->caller, 0) == 0)
-        sched_setaffinity(self->caller, sizeof self->caller_cpus, &self->caller_cpus);
+    if (gettid() != self->caller && syscall(SYS_tgkill, getpid(), self->caller, 0) != 0)
+        return;
+    if (sched_setaffinity(self->caller, sizeof self->caller_cpus, &self->caller_cpus) != 0) {
+        /* Its set is no longer allowed (the container's cpuset changed meanwhile): every core
+         * the kernel allows, rather than one core for good. */
+        cpu_set_t every;
+        memset(&every, 0xff, sizeof every);
+        sched_setaffinity(self->caller, sizeof every, &every);
+    }
 }
 
 /* Close the burst and wait for the helper: every published item is sent. The GIL stays held:
