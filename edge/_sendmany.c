@@ -26,7 +26,7 @@
  * with the bytes it did not take, for the caller to write through the transport. So a burst holds
  * at most one answer per socket: a second would overtake the first's rest.
  */
-#define _GNU_SOURCE /* CPU sets, gettid */
+#define _GNU_SOURCE /* CPU sets, thread names */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -52,6 +52,7 @@
 #define YIELD_EVERY 64
 
 #define PIECES 3
+#define HELPER_NAME "livedge-burst"
 
 typedef struct {
     int fd;
@@ -114,6 +115,7 @@ static void send_published(Burst *self, int wait) {
 }
 
 static void *helper_main(void *arg) {
+    pthread_setname_np(pthread_self(), HELPER_NAME); /* for top -H, and the tests */
     send_published((Burst *)arg, 1);
     return NULL;
 }
@@ -127,7 +129,8 @@ static void publish(Burst *self, int closing) {
     pthread_mutex_unlock(&self->lock);
 }
 
-/* Hold the calling thread to the core it is on and return, in ``others``, the cores the helper
+/* Hold the calling thread to the core it is on (a thread or process it starts meanwhile would
+ * inherit that one core for good: the caller starts none during a burst) and return, in ``others``, the cores the helper
  * may use; false (nothing changed) where there is no other core. */
 static int pin_caller(Burst *self, cpu_set_t *others) {
     int cpu = sched_getcpu();
@@ -138,7 +141,7 @@ static int pin_caller(Burst *self, cpu_set_t *others) {
     CPU_ZERO(&mine);
     CPU_SET(cpu, &mine);
     self->caller_cpus = *others;
-    self->caller = gettid();
+    self->caller = (pid_t)syscall(SYS_gettid);
     if (sched_setaffinity(0, sizeof mine, &mine) != 0)
         return 0;
     self->pinned = 1;
@@ -152,7 +155,8 @@ static void unpin_caller(Burst *self) {
     if (!self->pinned)
         return;
     self->pinned = 0;
-    if (gettid() != self->caller && syscall(SYS_tgkill, getpid(), self->caller, 0) != 0)
+    pid_t me = (pid_t)syscall(SYS_gettid); /* glibc before 2.30 has no gettid() */
+    if (me != self->caller && syscall(SYS_tgkill, getpid(), self->caller, 0) != 0)
         return;
     if (sched_setaffinity(self->caller, sizeof self->caller_cpus, &self->caller_cpus) != 0) {
         /* Its set is no longer allowed (the container's cpuset changed meanwhile): every core

@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -208,27 +207,35 @@ def test_a_burst_dropped_without_finishing_sends_nothing_more_and_lets_go(pair):
     assert [sys.getrefcount(piece) for piece in (head, middle, tail)] == held
 
 
-def thread_ids() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/task")}
+def burst_helpers() -> set[int]:
+    """This process's threads named as a burst's helper."""
+    found = set()
+    for name in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            if Path(f"/proc/self/task/{name}/comm").read_text().strip() == "livedge-burst":
+                found.add(int(name))
+    return found
 
 
 def make_burst_on_a_thread() -> tuple[dict, threading.Thread]:
     """A burst made on a thread of its own that waits for ``go`` before it ends: ``burst``, that
     thread's id (``thread``) and its CPU set ``before`` and ``after`` it made the burst."""
-    made: dict = {}
+    made: dict = {"go": threading.Event()}
+    ready = threading.Event()
 
     def make() -> None:
-        made["before"] = os.sched_getaffinity(0)
-        made["burst"] = bursts.Burst(1)
-        made["after"] = os.sched_getaffinity(0)
-        made["thread"] = threading.get_native_id()
+        try:
+            made["before"] = os.sched_getaffinity(0)
+            made["burst"] = bursts.Burst(1)
+            made["after"] = os.sched_getaffinity(0)
+            made["thread"] = threading.get_native_id()
+        finally:
+            ready.set()
         made["go"].wait(10)  # alive until the test has looked at it
 
-    made["go"] = threading.Event()
     maker = threading.Thread(target=make)
     maker.start()
-    while "thread" not in made:
-        time.sleep(0.01)
+    assert ready.wait(10) and "thread" in made, "the burst could not be made"
     return made, maker
 
 
@@ -237,10 +244,10 @@ def test_a_burst_keeps_its_helper_and_its_maker_on_different_cores_until_it_ends
     cores = os.sched_getaffinity(0)
     if len(cores) < 2:
         pytest.fail("bursts are for machines with two cores or more; CI has two")
-    before = thread_ids()
+    before = burst_helpers()
     made, maker = make_burst_on_a_thread()
     try:
-        helpers = thread_ids() - before - {made["thread"]}
+        helpers = burst_helpers() - before
         assert len(helpers) == 1
         (maker_core,) = made["after"]  # held to the core it was on
         assert made["before"] == cores
