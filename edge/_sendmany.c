@@ -115,7 +115,6 @@ static void send_published(Burst *self, int wait) {
 }
 
 static void *helper_main(void *arg) {
-    pthread_setname_np(pthread_self(), HELPER_NAME); /* for top -H, and the tests */
     send_published((Burst *)arg, 1);
     return NULL;
 }
@@ -211,6 +210,8 @@ static int Burst_init(Burst *self, PyObject *args, PyObject *kwargs) {
                 && pthread_attr_setaffinity_np(&attributes, sizeof others, &others) != 0)
             unpin_caller(self);
         self->started = pthread_create(&self->helper, &attributes, helper_main, self) == 0;
+        if (self->started) /* named here, not by itself: named before Burst() returns */
+            pthread_setname_np(self->helper, HELPER_NAME); /* top -H, the tests */
         pthread_attr_destroy(&attributes);
     }
     if (!self->started)
