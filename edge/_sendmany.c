@@ -128,9 +128,9 @@ static void publish(Burst *self, int closing) {
     pthread_mutex_unlock(&self->lock);
 }
 
-/* Hold the calling thread to the core it is on (a thread or process it starts meanwhile would
- * inherit that one core for good: the caller starts none during a burst) and return, in ``others``, the cores the helper
- * may use; false (nothing changed) where there is no other core. */
+/* Hold the calling thread to the core it is on and return, in ``others``, the cores the helper
+ * may use; false (nothing changed) where there is no other core. A thread or process the caller
+ * started meanwhile would inherit that one core for good: it starts none during a burst. */
 static int pin_caller(Burst *self, cpu_set_t *others) {
     int cpu = sched_getcpu();
     if (cpu < 0 || sched_getaffinity(0, sizeof *others, others) != 0 || !CPU_ISSET(cpu, others)
